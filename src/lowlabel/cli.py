@@ -1,0 +1,195 @@
+"""``lowlabel`` command line: a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import __version__
+
+
+def _cmd_config_show(args) -> int:
+    from .config import dump_config, load_config
+
+    print(dump_config(load_config(args.config, args.set)), end="")
+    return 0
+
+
+def _cmd_validate(args) -> int:
+    from rich.table import Table
+
+    from .data.validate import validate_dataset
+    from .utils import console, progress_bar
+
+    con = console()
+    with progress_bar(f"checking {Path(args.dataset).name}", None, enabled=not args.quiet, transient=True) as adv:
+        state = {"n": 0}
+
+        def prog(n, total):
+            adv(n - state["n"])
+            state["n"] = n
+
+        report = validate_dataset(args.dataset, extra_split_files=args.split_file, progress=prog)
+    if report.info is not None:
+        info = report.info
+        con.print(f"[bold]{info.name}[/] ({info.task}): {info.num_classes} classes, {report.checked_images} images decoded")
+        if report.class_pixels is not None and report.class_pixels.sum():
+            t = Table(title="label pixels per class")
+            t.add_column("class")
+            t.add_column("share", justify="right")
+            total = report.class_pixels.sum()
+            for name, n in zip(list(info.classes) + ["(ignore)"], report.class_pixels):
+                t.add_row(name, f"{100 * n / total:.2f}%")
+            con.print(t)
+    if report.ok:
+        con.print("[green]OK[/]: no problems found")
+        return 0
+    con.print(f"[red]{len(report.problems)} problem(s)[/]:")
+    for p in report.problems:
+        con.print(f"  {p}", markup=False)
+    return 1
+
+
+def _cmd_split(args) -> int:
+    from .data.splits import make_split, write_split
+    from .data.validate import require_valid
+
+    require_valid(args.dataset)
+    if (args.fraction is None) == (args.count is None):
+        raise SystemExit("lowlabel split: give exactly one of --fraction or --count")
+    labeled, unlabeled = make_split(args.dataset, fraction=args.fraction, count=args.count, seed=args.seed, source=args.source)
+    lp, up = write_split(args.out, labeled, unlabeled)
+    print(f"{len(labeled)} labeled -> {lp}\n{len(unlabeled)} unlabeled -> {up}")
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from .eval.evaluate import evaluate_folder, metrics_table
+    from .utils import atomic_write_json, console
+
+    target = Path(args.target)
+    if target.is_dir() and not (target / "checkpoints").is_dir() and not (target / "run.json").exists():
+        summary = evaluate_folder(target, args.data, args.split)
+    else:
+        from .engine.run import Run
+
+        run = Run.load(target, device=args.device)
+        summary = run.evaluate(args.data, split=args.split, progress=True)
+    console().print(metrics_table(summary, f"{summary['dataset']} / {summary['split']} ({summary['images']} images)"))
+    if args.out:
+        atomic_write_json(args.out, summary)
+        print(f"metrics -> {args.out}")
+    return 0
+
+
+def _cmd_fit(args) -> int:
+    from .api import fit
+    from .config import load_config
+
+    cfg = load_config(args.config, args.set) if args.config else None
+    if cfg is None and not args.resume:
+        raise SystemExit("lowlabel fit: give -c CONFIG or --resume RUN_DIR")
+    run = fit(cfg, resume=args.resume, progress=not args.quiet)
+    print(f"run directory: {run.run_dir}")
+    return 0
+
+
+def _cmd_predict(args) -> int:
+    from .engine.run import Run
+
+    run = Run.load(args.checkpoint, device=args.device)
+    written = run.predict_folder(args.images, args.out, overlays=not args.no_overlay, progress=True)
+    print(f"{len(written)} prediction(s) -> {args.out}")
+    return 0
+
+
+def _cmd_quickstart(args) -> int:
+    from .quickstart import quickstart
+
+    quickstart(out=args.out, iterations=args.iterations, method=args.method)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lowlabel",
+        description="Label-efficient image segmentation: semi-supervised, weakly supervised and SAM-assisted training.",
+    )
+    p.add_argument("--version", action="version", version=f"lowlabel {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    q = sub.add_parser("quickstart", help="train UniMatch on the bundled sample, evaluate, predict, plot (CPU, minutes)")
+    q.add_argument("--out", default="lowlabel-quickstart", help="output folder (default: %(default)s)")
+    q.add_argument("--iterations", type=int, default=None, help="training iterations (default: the quickstart config's)")
+    q.add_argument("--method", default="unimatch")
+    q.set_defaults(func=_cmd_quickstart)
+
+    v = sub.add_parser("validate", help="check a folder dataset and report every problem")
+    v.add_argument("dataset")
+    v.add_argument("--split-file", action="append", default=[], help="also check this labeled/unlabeled list (repeatable)")
+    v.add_argument("--quiet", action="store_true")
+    v.set_defaults(func=_cmd_validate)
+
+    s = sub.add_parser("split", help="seeded labeled/unlabeled partition of the train split")
+    s.add_argument("dataset")
+    s.add_argument("--fraction", help="labeled fraction, e.g. 1/8 or 0.125")
+    s.add_argument("--count", type=int, help="labeled count instead of a fraction")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--source", default="train", help="split to draw from (default: %(default)s)")
+    s.add_argument("--out", required=True, help="folder for labeled.txt and unlabeled.txt")
+    s.set_defaults(func=_cmd_split)
+
+    f = sub.add_parser("fit", help="train from a config (or resume a run)")
+    f.add_argument("-c", "--config")
+    f.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value (repeatable)")
+    f.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    f.add_argument("--quiet", action="store_true", help="no progress bar")
+    f.set_defaults(func=_cmd_fit)
+
+    e = sub.add_parser("evaluate", help="score a prediction folder, a run directory or a checkpoint on a dataset split")
+    e.add_argument("target", help="folder of <id>.png predictions, a run directory, or a checkpoint file")
+    e.add_argument("--data", help="dataset folder (default for runs: the run's own dataset)")
+    e.add_argument("--split", default="test")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--out", help="write the metrics as JSON here")
+    e.set_defaults(func=_cmd_evaluate)
+
+    pr = sub.add_parser("predict", help="label masks and colour overlays for a folder of images of any size")
+    pr.add_argument("checkpoint", help="a checkpoint file or a run directory")
+    pr.add_argument("images", help="a folder of images, or one image")
+    pr.add_argument("--out", required=True)
+    pr.add_argument("--device", default="auto")
+    pr.add_argument("--no-overlay", action="store_true")
+    pr.set_defaults(func=_cmd_predict)
+
+    c = sub.add_parser("config", help="configuration tools")
+    csub = c.add_subparsers(dest="config_command", metavar="SUBCOMMAND")
+    cs = csub.add_parser("show", help="print the fully resolved config")
+    cs.add_argument("-c", "--config", required=True)
+    cs.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    cs.set_defaults(func=_cmd_config_show)
+    c.set_defaults(func=lambda a: (c.print_help(), 0)[1])
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    from .data.dataset import DatasetError
+
+    try:
+        return int(args.func(args) or 0)
+    except (DatasetError, FileNotFoundError, ValueError) as err:
+        print(f"lowlabel {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""Typed configuration: the pydantic models are the schema and hold the defaults.
+
+A YAML file is complete and flat; it may name one ``base:`` file (one level only) whose values
+it overrides section by section. ``--set a.b=value`` overrides apply last (``value`` is parsed
+as YAML, so ``--set optim.lr=0.01`` gives a float and ``--set data.labeled=1/8`` a string).
+Relative paths in a file are resolved against the current directory first, then against the
+file's own folder.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    root: str = Field(description="folder dataset (dataset.json, images/, masks/, splits/)")
+    train_split: str = "train"
+    val_split: str | None = "val"
+    test_split: str | None = "test"
+    labeled: str = Field("1", description="labeled part of the train split: a fraction ('1/8'), a count ('46'), or a labeled.txt path")
+    unlabeled: str | None = Field(None, description="unlabeled.txt path; default: the rest of the train split")
+    split_seed: int = 0
+    weak: str | None = Field(None, description="weak label folder to load (e.g. 'scribbles')")
+    crop: int = 256
+    scale: tuple[float, float] = (0.5, 2.0)  # UniMatch: random rescale ratio range
+    base_size: int | None = Field(None, description="long side before rescale; None keeps the image size")
+    labeled_batch: int = 4
+    unlabeled_batch: int = 4
+    workers: int = 0
+
+    @field_validator("crop")
+    @classmethod
+    def _crop(cls, v):
+        if v < 32 or v % 32:
+            raise ValueError(f"crop must be a positive multiple of 32, got {v}")
+        return v
+
+
+class ModelConfig(_Strict):
+    arch: str = "deeplabv3plus"
+    encoder: str = "resnet18"
+    pretrained: str | None = Field(None, description="local weights file (never downloaded)")
+    width: int = 16  # only for arch 'tiny'
+
+
+class MethodConfig(_Strict):
+    name: str = "supervised"
+    params: dict[str, Any] = Field(default_factory=dict, description="the method's own hyper-parameters; defaults follow its paper")
+
+
+class TeacherConfig(_Strict):
+    kind: Literal["none", "ema", "self", "epoch_momentum"] = "none"
+    decay: float = 0.999  # EMA decay (Mean Teacher / FixMatch-style teachers)
+
+
+class OptimConfig(_Strict):
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.005  # UniMatch (Pascal): 0.001 x 16 / batch; CPU configs set their own
+    head_lr_mult: float = 10.0  # UniMatch: decoder/head at 10x the backbone rate
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    schedule: Literal["poly", "cosine", "constant"] = "poly"
+    power: float = 0.9  # poly exponent (DeepLab, UniMatch)
+    warmup_iters: int = 0
+    warmup_ratio: float = 0.1  # lr starts at warmup_ratio * lr and rises linearly
+    grad_clip: float | None = None
+
+
+class TrainConfig(_Strict):
+    iterations: int | None = Field(2000, description="total optimiser steps (None: epochs x iterations per epoch)")
+    epochs: int | None = None
+    val_every: int = 200
+    checkpoint_every: int = 200
+    log_every: int = 10
+    device: str = "auto"
+    amp: bool | Literal["auto"] = "auto"  # on for CUDA, off on CPU
+    seed: int = 0
+    deterministic: bool = False
+
+    @model_validator(mode="after")
+    def _budget(self):
+        if self.iterations is None and self.epochs is None:
+            raise ValueError("set train.iterations or train.epochs")
+        return self
+
+
+class EvalConfig(_Strict):
+    tile: int = 512
+    overlap: float = 0.25
+    weighting: Literal["gaussian", "uniform"] = "gaussian"
+    batch_size: int = 4
+    max_images: int | None = None
+
+
+class Config(_Strict):
+    name: str = "run"
+    out_dir: str = "runs"
+    data: DataConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+
+def _deep_update(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if k == "method" and isinstance(v, dict) and v.get("name", out.get(k, {}).get("name")) != out.get(k, {}).get("name"):
+            out[k] = copy.deepcopy(v)  # another method: the base's parameters do not apply
+        elif isinstance(v, dict) and isinstance(out.get(k), dict) and k != "params":
+            out[k] = _deep_update(out[k], v)
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = {**out[k], **v}
+        else:
+            out[k] = v
+    return out
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: a config must be a mapping")
+    return raw
+
+
+def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """Apply ``a.b.c=value`` strings (value parsed as YAML) to a raw config dict."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like key.path=value")
+        key, value = item.split("=", 1)
+        parsed = yaml.safe_load(value) if value.strip() else None
+        if isinstance(parsed, (int, float)) and "/" in value:
+            parsed = value
+        node = raw
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {p} is not a section")
+        node[parts[-1]] = parsed
+    return raw
+
+
+def _resolve_paths(raw: dict, folder: Path) -> dict:
+    """``data.root`` and split-file paths relative to the config file's folder, where they exist
+    there and not relative to the current directory."""
+    data = raw.get("data") or {}
+    for key in ("root", "unlabeled", "labeled"):
+        v = data.get(key)
+        if not isinstance(v, str) or Path(v).is_absolute() or (key != "root" and not v.endswith(".txt")):
+            continue
+        if not Path(v).exists() and (folder / v).exists():
+            data[key] = str((folder / v).resolve())
+    return raw
+
+
+def load_raw(path: str | Path) -> dict:
+    """A config file as a dict, its ``base:`` merged in (one level)."""
+    path = Path(path)
+    raw = _resolve_paths(_read_yaml(path), path.parent)
+    base = raw.pop("base", None)
+    if base:
+        bpath = Path(base) if Path(base).is_absolute() else path.parent / base
+        braw = _resolve_paths(_read_yaml(bpath), bpath.parent)
+        if "base" in braw:
+            raise ValueError(f"{bpath}: a base config may not have a base of its own (one level only)")
+        raw = _deep_update(braw, raw)
+    return raw
+
+
+def resolve_method_params(cfg: Config) -> Config:
+    """Validate ``method.params`` against the method's own schema and fill in its defaults."""
+    from .methods import get_method_class
+
+    cls = get_method_class(cfg.method.name)
+    params = cls.Params(**cfg.method.params)
+    cfg.method.params = params.model_dump()
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), raw: dict | None = None) -> Config:
+    """Load, merge, override and validate a config (method parameters included)."""
+    if raw is None:
+        if path is None:
+            raise ValueError("give a config path or a raw dict")
+        raw = load_raw(path)
+    raw = apply_overrides(raw, overrides)
+    cfg = Config.model_validate(raw)
+    return resolve_method_params(cfg)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

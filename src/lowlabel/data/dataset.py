@@ -1,0 +1,323 @@
+"""The folder dataset format: reading, checking and serving samples.
+
+Layout (see ``../shared/datasets/README.md``)::
+
+    <root>/dataset.json          name, task, classes, palette, ignore_index, ...
+    <root>/images/<id>.<ext>     any extension PIL reads; grey images become 3 channels
+    <root>/masks/<id>.png        8-bit class index per pixel, 255 = ignore
+    <root>/instances/<id>.png    16-bit instance id per pixel, 0 = background
+    <root>/scribbles/<id>.png    class index on scribbled pixels, 255 elsewhere
+    <root>/splits/<name>.txt     one id per line
+
+A *sample* is a plain dict: ``image`` float32[3,H,W] in [0, 1], ``mask`` int64[H,W]
+(``IGNORE_INDEX`` where unknown), ``id`` str, and optionally ``scribble`` int64[H,W] and
+``instances`` int64[H,W]. Unlabeled samples have no ``mask`` at all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+IGNORE_INDEX = 255
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+TASKS = ("semantic", "instance", "change")
+
+# Large aerial mosaics exceed PIL's decompression-bomb guard (~89 MP); lowlabel reads them on
+# purpose. Set lazily (not at import) by the readers below.
+_MAX_PIXELS = 2**34
+
+
+class DatasetError(ValueError):
+    """Bad input data. The message names the file and the problem."""
+
+    def __init__(self, path: str | os.PathLike | None, problem: str):
+        self.path = None if path is None else str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}" if self.path else problem)
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """The parsed ``dataset.json`` of a folder dataset."""
+
+    root: Path
+    name: str
+    task: str
+    classes: tuple[str, ...]
+    palette: tuple[tuple[int, int, int], ...]
+    ignore_index: int = IGNORE_INDEX
+    weak_labels: dict = field(default_factory=dict)
+    source: str = ""
+    license: str = ""
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @classmethod
+    def load(cls, root: str | os.PathLike) -> "DatasetInfo":
+        root = Path(root)
+        path = root / "dataset.json"
+        if not root.is_dir():
+            raise DatasetError(root, "dataset folder does not exist")
+        if not path.is_file():
+            raise DatasetError(path, "missing: every folder dataset needs a dataset.json")
+        try:
+            meta = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise DatasetError(path, f"does not parse as JSON ({err})") from None
+        if not isinstance(meta, dict):
+            raise DatasetError(path, "must hold a JSON object")
+        classes = meta.get("classes")
+        if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+            raise DatasetError(path, "lacks 'classes': a non-empty list of class names")
+        task = meta.get("task", "semantic")
+        if task not in TASKS:
+            raise DatasetError(path, f"unknown task {task!r}; expected one of {TASKS}")
+        ignore = int(meta.get("ignore_index", IGNORE_INDEX))
+        if ignore != IGNORE_INDEX:
+            raise DatasetError(path, f"ignore_index must be {IGNORE_INDEX}, got {ignore}")
+        if task == "semantic" and len(classes) >= IGNORE_INDEX:
+            raise DatasetError(path, f"{len(classes)} classes do not fit 8-bit masks with ignore {IGNORE_INDEX}")
+        palette = meta.get("palette") or default_palette(len(classes))
+        if len(palette) < len(classes) or any(len(c) != 3 for c in palette):
+            raise DatasetError(path, "'palette' needs one [r, g, b] per class")
+        return cls(
+            root=root,
+            name=str(meta.get("name", root.name)),
+            task=task,
+            classes=tuple(classes),
+            palette=tuple(tuple(int(v) for v in c) for c in palette[: len(classes)]),
+            ignore_index=ignore,
+            weak_labels=dict(meta.get("weak_labels") or {}),
+            source=str(meta.get("source", "")),
+            license=str(meta.get("license", "")),
+        )
+
+
+def default_palette(n: int) -> list[list[int]]:
+    """A deterministic, well-separated palette (golden-ratio hues) for datasets without one."""
+    import colorsys
+
+    out = []
+    for i in range(n):
+        r, g, b = colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.75, 0.95)
+        out.append([int(r * 255), int(g * 255), int(b * 255)])
+    return out
+
+
+def _open(path: Path) -> Image.Image:
+    Image.MAX_IMAGE_PIXELS = _MAX_PIXELS
+    try:
+        img = Image.open(path)
+        img.load()  # forces decoding: truncated files fail here, not later in a worker
+    except FileNotFoundError:
+        raise DatasetError(path, "file not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise DatasetError(path, f"unreadable or truncated image ({err})") from None
+    return img
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """An image as uint8 [H, W, 3]; grey and palette images are expanded to RGB."""
+    img = _open(Path(path))
+    if img.mode in ("I;16", "I;16B", "I", "F"):
+        arr = np.asarray(img, dtype=np.float32)
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = ((arr - lo) / max(hi - lo, 1e-6) * 255).astype(np.uint8)
+        return np.repeat(arr[..., None], 3, axis=2)
+    return np.asarray(img.convert("RGB"))
+
+
+def read_label(path: str | os.PathLike, *, sixteen_bit: bool = False) -> np.ndarray:
+    """A label map (mask, scribble or instance ids) as an integer array [H, W]."""
+    img = _open(Path(path))
+    if img.mode in ("RGB", "RGBA"):
+        raise DatasetError(path, f"label maps must be single-channel index images, got mode {img.mode}")
+    arr = np.asarray(img)
+    if arr.ndim != 2:
+        raise DatasetError(path, f"label maps must be 2-D, got shape {arr.shape}")
+    if not sixteen_bit and arr.dtype != np.uint8:
+        if arr.size and (arr.min() < 0 or arr.max() > 255):
+            raise DatasetError(path, "8-bit label map holds values outside 0..255")
+        arr = arr.astype(np.uint8)
+    return arr
+
+
+def write_label(path: str | os.PathLike, labels: np.ndarray, palette: Sequence[Sequence[int]] | None = None) -> None:
+    """Write a label map as PNG, atomically. With a palette the PNG shows colours but keeps indices."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = np.asarray(labels)
+    if arr.dtype != np.uint8:
+        arr = arr.astype(np.uint16 if arr.max(initial=0) > 255 else np.uint8)
+    img = Image.fromarray(arr)
+    if palette is not None and arr.dtype == np.uint8:
+        flat = [v for c in palette for v in c]
+        img.putpalette(flat + [0] * (768 - len(flat)))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    img.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def index_images(root: str | os.PathLike, folder: str = "images") -> dict[str, Path]:
+    """Map id -> image path for every readable extension in ``root/folder``."""
+    d = Path(root) / folder
+    if not d.is_dir():
+        return {}
+    out: dict[str, Path] = {}
+    for p in sorted(d.iterdir()):
+        if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."):
+            out.setdefault(p.stem, p)
+    return out
+
+
+def read_ids(path: str | os.PathLike) -> list[str]:
+    """Ids of a split file: one per line; blank lines and ``#`` comments are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(path, "split file not found")
+    ids = []
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            ids.append(line)
+    return ids
+
+
+class FolderDataset(torch.utils.data.Dataset):
+    """Samples of a folder dataset for a list of ids.
+
+    Args:
+        root: the dataset folder.
+        ids: sample ids, or the name of a split file in ``splits/`` (e.g. ``"train"``).
+        labeled: read ``masks/`` (and ``instances/`` for instance datasets). Unlabeled samples
+            need no mask file at all.
+        weak: also read a weak label folder (``"scribbles"`` or a folder named in
+            ``dataset.json``'s ``weak_labels``) into ``sample["scribble"]``.
+        transform: called on the sample dict; receives ``(sample, rng)`` when it accepts two
+            arguments, with ``rng`` a ``numpy.random.Generator`` seeded from
+            ``(seed, epoch, index)`` so augmentation is reproducible whatever the worker count.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        ids: Sequence[str] | str,
+        *,
+        labeled: bool = True,
+        weak: str | None = None,
+        transform: Callable | None = None,
+        seed: int = 0,
+        info: DatasetInfo | None = None,
+    ):
+        self.info = info or DatasetInfo.load(root)
+        self.root = Path(root)
+        if isinstance(ids, str):
+            ids = read_ids(self.root / "splits" / f"{ids}.txt")
+        self.ids = list(ids)
+        self.labeled = labeled
+        self.weak = weak
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+        self._images = index_images(self.root)
+        missing = [i for i in self.ids if i not in self._images]
+        if missing:
+            raise DatasetError(
+                self.root / "images",
+                f"{len(missing)} id(s) have no image, e.g. {', '.join(missing[:5])}",
+            )
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def image_path(self, sample_id: str) -> Path:
+        return self._images[sample_id]
+
+    def weak_folder(self) -> str | None:
+        if self.weak is None:
+            return None
+        return str(self.info.weak_labels.get(self.weak, self.weak)).rstrip("/")
+
+    def load(self, index: int) -> dict:
+        """The untransformed sample: uint8 image [H,W,3] and integer label maps [H,W] as numpy."""
+        sid = self.ids[index]
+        ipath = self._images[sid]
+        sample: dict = {"id": sid, "image": read_image(ipath)}
+        h, w = sample["image"].shape[:2]
+        labels: list[tuple[str, Path, bool]] = []
+        if self.labeled:
+            if self.info.task == "instance":
+                labels.append(("instances", self.root / "instances" / f"{sid}.png", True))
+            else:
+                labels.append(("mask", self.root / "masks" / f"{sid}.png", False))
+        if self.weak_folder():
+            labels.append(("scribble", self.root / self.weak_folder() / f"{sid}.png", False))
+        for key, path, sixteen in labels:
+            arr = read_label(path, sixteen_bit=sixteen)
+            if arr.shape != (h, w):
+                raise DatasetError(path, f"size {arr.shape[1]}x{arr.shape[0]} does not match image {ipath.name} ({w}x{h})")
+            if not sixteen:
+                check_class_range(arr, self.info.num_classes, path)
+            sample[key] = arr
+        if self.info.task == "instance" and "instances" in sample:
+            sample["mask"] = (sample["instances"] > 0).astype(np.uint8)
+        return sample
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        """``dataset[i]`` or ``dataset[(i, epoch)]`` (the engine's samplers pass the epoch with
+        the index, so augmentation stays seeded correctly inside persistent loader workers)."""
+        index, epoch = key if isinstance(key, tuple) else (key, self.epoch)
+        sample = to_tensors(self.load(index))
+        if self.transform is not None:
+            rng = np.random.default_rng([self.seed, epoch, index])
+            sample = self.transform(sample, rng)
+        return sample
+
+
+def check_class_range(arr: np.ndarray, num_classes: int, path) -> None:
+    bad = (arr >= num_classes) & (arr != IGNORE_INDEX)
+    if bad.any():
+        values = sorted(int(v) for v in np.unique(arr[bad]))[:8]
+        raise DatasetError(
+            path,
+            f"class ids {values} outside 0..{num_classes - 1} (and {IGNORE_INDEX} = ignore) in {int(bad.sum())} pixels",
+        )
+
+
+def to_tensors(sample: dict) -> dict:
+    """numpy sample -> torch sample: image float[3,H,W] in [0,1], label maps int64[H,W]."""
+    out = {}
+    for k, v in sample.items():
+        if k == "image" and isinstance(v, np.ndarray):
+            out[k] = torch.from_numpy(np.array(v, copy=True)).permute(2, 0, 1).float().div_(255.0)
+        elif isinstance(v, np.ndarray):
+            out[k] = torch.from_numpy(v.astype(np.int64))
+        else:
+            out[k] = v
+    return out
+
+
+def collate(samples: Iterable[dict]) -> dict:
+    """Stack a list of equally sized samples into a batch dict (strings become lists)."""
+    samples = list(samples)
+    out = {}
+    for k in samples[0]:
+        vals = [s[k] for s in samples]
+        if isinstance(vals[0], torch.Tensor):
+            out[k] = torch.stack(vals)
+        else:
+            out[k] = vals
+    return out

@@ -1,0 +1,91 @@
+"""Labeled/unlabeled sets of a config and the endless, resumable batch streams of the engine.
+
+A stream's batch ``k`` is a pure function of ``(seed, k)``: epoch ``k // batches_per_epoch``
+shuffles with a generator seeded by ``(seed, epoch)``, and each sample is augmented with a
+generator seeded by ``(seed, epoch, index)``. Resuming at iteration ``k`` therefore needs no
+saved loader state and skips no images by reading them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from ..augment.transforms import LabeledTransform, UnlabeledTransform
+from ..config import DataConfig
+from ..data.dataset import DatasetError, FolderDataset, collate, read_ids
+from ..data.splits import split_ids
+
+
+def resolve_split(cfg: DataConfig) -> tuple[list[str], list[str]]:
+    """(labeled ids, unlabeled ids) of a data config."""
+    root = Path(cfg.root)
+    train = read_ids(root / "splits" / f"{cfg.train_split}.txt")
+    lab = cfg.labeled.strip()
+    if lab.endswith(".txt"):
+        labeled = read_ids(lab)
+    elif lab.isdigit() and int(lab) > 1:
+        labeled, _ = split_ids(train, count=int(lab), seed=cfg.split_seed)
+    else:
+        labeled, _ = split_ids(train, fraction=lab, seed=cfg.split_seed)
+    if not labeled:
+        raise DatasetError(lab, "empty labeled set")
+    if cfg.unlabeled:
+        unlabeled = read_ids(cfg.unlabeled)
+    else:
+        chosen = set(labeled)
+        unlabeled = [i for i in sorted(set(train)) if i not in chosen]
+    overlap = set(labeled) & set(unlabeled)
+    if overlap:
+        raise DatasetError(cfg.unlabeled, f"{len(overlap)} id(s) are both labeled and unlabeled, e.g. {sorted(overlap)[:3]}")
+    return labeled, unlabeled
+
+
+def build_sets(cfg: DataConfig, n_strong: int, seed: int, need_unlabeled: bool):
+    labeled_ids, unlabeled_ids = resolve_split(cfg)
+    lab = FolderDataset(cfg.root, labeled_ids, labeled=True, weak=cfg.weak, transform=LabeledTransform(cfg.crop, tuple(cfg.scale), cfg.base_size), seed=seed)
+    unl = None
+    if need_unlabeled:
+        if not unlabeled_ids:
+            raise DatasetError(cfg.root, "this method trains on unlabeled images, but the labeled part is the whole train split; lower data.labeled")
+        unl = FolderDataset(
+            cfg.root, unlabeled_ids, labeled=False, info=lab.info,
+            transform=UnlabeledTransform(cfg.crop, tuple(cfg.scale), cfg.base_size, n_strong=n_strong), seed=seed + 1,
+        )
+    return lab, unl
+
+
+class Stream:
+    """Endless batches of a dataset for one rank of ``world``; epochs reshuffle."""
+
+    def __init__(self, dataset, batch_size: int, *, seed: int, workers: int = 0, rank: int = 0, world: int = 1, pin: bool = False):
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.workers, self.rank, self.world, self.pin = workers, rank, world, pin
+        n = len(dataset)
+        per_rank = n // world if n >= world else 1
+        # few-label sets smaller than a batch repeat within the epoch (UniMatch repeats labeled ids)
+        self.per_rank = max(per_rank, batch_size)
+        self.batches_per_epoch = self.per_rank // batch_size
+
+    def epoch_keys(self, epoch: int) -> list[tuple[int, int]]:
+        n = len(self.dataset)
+        rng = np.random.default_rng([self.seed, epoch])
+        reps = -(-self.per_rank * self.world // n)
+        perm = np.concatenate([rng.permutation(n) for _ in range(reps)])
+        mine = perm[self.rank * self.per_rank : (self.rank + 1) * self.per_rank]
+        return [(int(i), epoch) for i in mine]
+
+    def batches(self, start: int = 0) -> Iterator[dict]:
+        """Batches from global batch index ``start`` on, forever."""
+        epoch, offset = divmod(start, self.batches_per_epoch)
+        while True:
+            keys = self.epoch_keys(epoch)
+            sampler = [keys[b * self.batch_size : (b + 1) * self.batch_size] for b in range(offset, self.batches_per_epoch)]
+            loader = torch.utils.data.DataLoader(
+                self.dataset, batch_sampler=sampler, collate_fn=collate, num_workers=self.workers, pin_memory=self.pin
+            )
+            yield from loader
+            epoch, offset = epoch + 1, 0

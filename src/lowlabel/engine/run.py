@@ -1,0 +1,126 @@
+"""A trained run: evaluate and predict from Python (``lowlabel.fit`` returns one) or the CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import Config, EvalConfig
+from ..data.dataset import IMAGE_EXTENSIONS, DatasetError, DatasetInfo, FolderDataset, write_label
+from ..data.tiling import WindowReader, open_reader
+from ..eval.inference import Prediction, sliding_window
+from ..models import build_model
+from ..utils import progress_bar, resolve_device
+from .trainer import CHECKPOINT_FORMAT, evaluate_model
+
+
+class Run:
+    """A model with its classes, palette and evaluation settings.
+
+    Attributes: ``model`` (the evaluated network: the teacher for EMA/momentum teachers),
+    ``classes``, ``palette``, ``config`` (the training config when known), ``run_dir``.
+    """
+
+    def __init__(self, model, classes, palette, *, config: Config | None = None, run_dir: Path | None = None, device="cpu", data_root=None):
+        self.model = model.to(device).eval()
+        self.classes, self.palette = list(classes), [tuple(c) for c in palette]
+        self.config, self.run_dir, self.device = config, run_dir, torch.device(device)
+        self.data_root = data_root
+        self.eval_cfg = config.eval if config else EvalConfig()
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "auto") -> "Run":
+        """From a run directory (its best checkpoint, else its last) or a checkpoint file."""
+        path = Path(path)
+        run_dir = None
+        if path.is_dir():
+            run_dir = path
+            for name in ("best.pt", "last.pt"):
+                if (path / "checkpoints" / name).is_file():
+                    path = path / "checkpoints" / name
+                    break
+            else:
+                raise FileNotFoundError(f"{path}: no checkpoints/best.pt or last.pt in this run directory")
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: checkpoint not found")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{path}: not a lowlabel checkpoint")
+        spec = state["model_spec"]
+        model = build_model(spec["arch"], spec["encoder"], spec["num_classes"], width=spec.get("width", 16))
+        if "weights" in state:
+            weights = state["weights"]
+        elif state.get("evaluated") == "teacher" and state.get("teacher"):
+            weights = state["teacher"]["model"]
+        else:
+            weights = state["student"]
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError as err:
+            raise ValueError(f"{path}: weights do not fit {spec['arch']}/{spec['encoder']}: {str(err)[:300]}") from None
+        cfg = Config.model_validate(state["config"]) if state.get("config") else None
+        meta = state["dataset"]
+        return cls(model, meta["classes"], meta["palette"], config=cfg, run_dir=run_dir or path.parent.parent, device=resolve_device(device), data_root=meta.get("root"))
+
+    def predict(self, image: np.ndarray | torch.Tensor | WindowReader | str | Path, *, return_probs: bool = False, progress=None) -> Prediction:
+        """Predict one image of any size (tiled by the run's eval settings). ``image``: uint8
+        [H, W, 3] array, float [3, H, W] tensor in [0, 1], a window reader or a file path."""
+        if isinstance(image, (str, Path)):
+            image = open_reader(image)
+        e = self.eval_cfg
+        return sliding_window(
+            self.model, image, self.num_classes, tile=e.tile, overlap=e.overlap, weighting=e.weighting,
+            batch_size=e.batch_size, device=self.device, return_probs=return_probs, progress=progress,
+        )
+
+    def evaluate(self, data: str | Path | None = None, split: str = "test", progress: bool = False) -> dict:
+        """mIoU, per-class IoU and pixel accuracy on a labeled split of a folder dataset."""
+        root = data or self.data_root
+        if root is None:
+            raise ValueError("give the dataset folder (--data)")
+        info = DatasetInfo.load(root)
+        if info.num_classes != self.num_classes:
+            raise DatasetError(root, f"dataset has {info.num_classes} classes, the model {self.num_classes}")
+        ds = FolderDataset(root, split, labeled=True, info=info)
+        cm = evaluate_model(self.model, ds, num_classes=self.num_classes, eval_cfg=self.eval_cfg.model_copy(update={"max_images": None}), device=self.device, progress=progress)
+        out = cm.summary(info.classes)
+        out.update({"images": len(ds), "split": split, "dataset": info.name})
+        return out
+
+    def overlay(self, image: np.ndarray, labels: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+        pal = np.array(self.palette + [(0, 0, 0)] * (256 - len(self.palette)), dtype=np.float32)
+        return (image.astype(np.float32) * (1 - alpha) + pal[labels] * alpha).clip(0, 255).astype(np.uint8)
+
+    def predict_folder(self, images: str | Path, out: str | Path, *, overlays: bool = True, progress: bool = False) -> list[Path]:
+        """Write ``<id>.png`` label maps (palette PNG, values = class ids) and, with ``overlays``,
+        ``overlays/<id>.jpg`` colour blends, for every image in a folder (or one image)."""
+        from PIL import Image
+
+        images, out = Path(images), Path(out)
+        files = [images] if images.is_file() else sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise FileNotFoundError(f"{images}: no images ({', '.join(IMAGE_EXTENSIONS)})")
+        written = []
+        with progress_bar("predicting", len(files), enabled=progress) as adv:
+            for f in files:
+                reader = open_reader(f)
+                pred = self.predict(reader)
+                path = out / f"{f.stem}.png"
+                write_label(path, pred.labels, self.palette)
+                if overlays:
+                    img = reader.read(0, 0, reader.height, reader.width) if not hasattr(reader, "array") else np.asarray(reader.array)[..., :3]
+                    ov = out / "overlays" / f"{f.stem}.jpg"
+                    ov.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = ov.with_name(f".{ov.name}.tmp.jpg")
+                    Image.fromarray(self.overlay(img, pred.labels)).save(tmp, quality=90)
+                    tmp.replace(ov)
+                written.append(path)
+                adv()
+        return written
+

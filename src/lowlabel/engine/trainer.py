@@ -1,0 +1,395 @@
+"""The one training loop.
+
+Run directory layout::
+
+    <out_dir>/<name>/
+      config.yaml               the resolved config
+      splits/labeled.txt        the ids actually used
+      splits/unlabeled.txt
+      metrics.jsonl             one JSON line per logged step and per validation
+      checkpoints/last.pt       full state for exact resume (written atomically)
+      checkpoints/best.pt       the evaluated model at the best validation mIoU
+      summary.json              final numbers
+
+Distributed training: launched with ``torchrun``, each process trains on its shard of each
+epoch and gradients are averaged with one all-reduce per step. lowlabel does not wrap the
+student in ``DistributedDataParallel``: methods call ``encode``/``decode`` directly, which would
+bypass DDP's forward hooks; the explicit all-reduce is correct for any method. Batch-norm
+statistics stay per process (as DDP without SyncBN).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..config import Config, dump_config
+from ..data.dataset import DatasetError
+from ..data.validate import require_valid
+from ..eval.inference import sliding_window
+from ..eval.metrics import ConfusionMatrix
+from ..methods import StepContext, build_method, get_method_class
+from ..models import build_model
+from ..utils import atomic_torch_save, atomic_write_json, atomic_write_text, console, progress_bar, resolve_device
+from .data import Stream, build_sets
+from .optim import build_optimizer, set_lr
+from .teachers import Teacher
+
+CHECKPOINT_FORMAT = "lowlabel-checkpoint-1"
+
+
+def model_spec(cfg: Config, num_classes: int) -> dict:
+    return {"arch": cfg.model.arch, "encoder": cfg.model.encoder, "width": cfg.model.width, "num_classes": num_classes}
+
+
+def dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def maybe_init_distributed(device: torch.device) -> bool:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        return True
+    return False
+
+
+def rng_state() -> dict:
+    """All global RNG states as tensors and plain lists (loadable with ``weights_only=True``)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, py_gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+        "python": [version, list(internal), py_gauss],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, py_gauss = state["python"]
+    random.setstate((version, tuple(internal), py_gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@torch.no_grad()
+def evaluate_model(model, dataset, *, num_classes: int, eval_cfg, device, progress: bool = False, rank: int = 0, world: int = 1) -> ConfusionMatrix:
+    """Confusion matrix of ``model`` over a labeled FolderDataset, by sliding-window inference.
+    Under DDP each rank scores its share of the images and the matrices are summed."""
+    was = model.training
+    model.eval()
+    cm = ConfusionMatrix(num_classes)
+    n = len(dataset) if eval_cfg.max_images is None else min(len(dataset), eval_cfg.max_images)
+    mine = list(range(rank, n, world))
+    with progress_bar("evaluating", len(mine), enabled=progress and rank == 0, transient=True) as adv:
+        for i in mine:
+            raw = dataset.load(i)
+            pred = sliding_window(
+                model, raw["image"], num_classes, tile=eval_cfg.tile, overlap=eval_cfg.overlap,
+                weighting=eval_cfg.weighting, batch_size=eval_cfg.batch_size, device=device,
+            )
+            cm.update(pred.labels, raw["mask"])
+            adv()
+    if world > 1:
+        m = cm.matrix.to(device)
+        dist.all_reduce(m)
+        cm.matrix = m.cpu()
+    model.train(was)
+    return cm
+
+
+class Trainer:
+    """Builds everything a config names and runs (or resumes) the loop. Use :func:`lowlabel.fit`."""
+
+    def __init__(self, cfg: Config, *, run_dir: str | Path | None = None, resume: bool = False, progress: bool = True):
+        self.cfg = cfg
+        self.device = resolve_device(cfg.train.device)
+        self.distributed = maybe_init_distributed(self.device)
+        self.rank, self.world = dist_info()
+        if self.device.type == "cuda" and self.world > 1:
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(self.device)
+        self.is_main = self.rank == 0
+        self.progress = progress and self.is_main
+        self.run_dir = Path(run_dir) if run_dir else Path(cfg.out_dir) / cfg.name
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        if not resume and (self.ckpt_dir / "last.pt").exists():
+            raise FileExistsError(
+                f"{self.run_dir} already holds a run; resume it with `lowlabel fit --resume {self.run_dir}` "
+                f"or choose another name (--set name=...)"
+            )
+        self.info = require_valid(cfg.data.root)
+        if self.info.task not in ("semantic", "instance"):
+            raise DatasetError(cfg.data.root, f"task {self.info.task!r} cannot be trained by `fit`")
+        self.num_classes = self.info.num_classes
+        mcls = get_method_class(cfg.method.name)
+        seed_everything(cfg.train.seed)
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+
+        self.labeled_set, self.unlabeled_set = build_sets(cfg.data, mcls.n_strong, cfg.train.seed, mcls.uses_unlabeled)
+        pin = self.device.type == "cuda"
+        self.lab_stream = Stream(self.labeled_set, cfg.data.labeled_batch, seed=cfg.train.seed, workers=cfg.data.workers, rank=self.rank, world=self.world, pin=pin)
+        self.unl_stream = (
+            Stream(self.unlabeled_set, cfg.data.unlabeled_batch, seed=cfg.train.seed + 1, workers=cfg.data.workers, rank=self.rank, world=self.world, pin=pin)
+            if self.unlabeled_set is not None else None
+        )
+        self.iters_per_epoch = (self.unl_stream or self.lab_stream).batches_per_epoch
+        self.total = cfg.train.iterations or cfg.train.epochs * self.iters_per_epoch
+        self.total_epochs = math.ceil(self.total / self.iters_per_epoch)
+
+        self.student = build_model(cfg.model.arch, cfg.model.encoder, self.num_classes, cfg.model.pretrained, cfg.model.width).to(self.device)
+        self.method = build_method(cfg.method.name, cfg.method.params, num_classes=self.num_classes, model=self.student).to(self.device)
+        kind = cfg.teacher.kind
+        self.teacher = Teacher(kind, self.student, cfg.teacher.decay)
+        self.optimizer = build_optimizer(cfg.optim, self.student, self.method)
+        self.use_amp = self.device.type == "cuda" and cfg.train.amp in (True, "auto")
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        if self.world > 1:  # same initial weights on every rank
+            for t in list(self.student.state_dict().values()) + list(self.method.state_dict().values()):
+                dist.broadcast(t.data if hasattr(t, "data") else t, 0)
+            if not self.teacher.is_student:
+                self.teacher.model.load_state_dict(self.student.state_dict())
+        self.val_set = None
+        if cfg.data.val_split:
+            from ..data.dataset import FolderDataset
+
+            self.val_set = FolderDataset(cfg.data.root, cfg.data.val_split, labeled=True, info=self.info)
+        self.iteration = 0
+        self.best = {"miou": -1.0, "iteration": None}
+        if resume:
+            self._load(self.ckpt_dir / "last.pt")
+        elif self.is_main:
+            self._prepare_run_dir()
+
+    # ----------------------------------------------------------------- files
+    def _prepare_run_dir(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.run_dir / "config.yaml", dump_config(self.cfg))
+        atomic_write_text(self.run_dir / "splits" / "labeled.txt", "".join(f"{i}\n" for i in self.labeled_set.ids))
+        if self.unlabeled_set is not None:
+            atomic_write_text(self.run_dir / "splits" / "unlabeled.txt", "".join(f"{i}\n" for i in self.unlabeled_set.ids))
+        atomic_write_json(self.run_dir / "run.json", {
+            "format": CHECKPOINT_FORMAT, "name": self.cfg.name, "dataset": self.info.name,
+            "classes": list(self.info.classes), "palette": [list(c) for c in self.info.palette],
+            "model": model_spec(self.cfg, self.num_classes), "method": self.cfg.method.name,
+        })
+        (self.run_dir / "metrics.jsonl").write_text("")
+
+    def _log(self, record: dict) -> None:
+        if self.is_main:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _dataset_meta(self) -> dict:
+        return {"name": self.info.name, "root": str(self.cfg.data.root), "classes": list(self.info.classes), "palette": [list(c) for c in self.info.palette]}
+
+    def eval_model(self):
+        return self.teacher.model if self.teacher.evaluates else self.student
+
+    def _save(self, name: str) -> None:
+        if not self.is_main:
+            return
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "iteration": self.iteration,
+            "model_spec": model_spec(self.cfg, self.num_classes),
+            "student": self.student.state_dict(),
+            "teacher": self.teacher.state_dict(),
+            "method": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_state(),
+            "best": dict(self.best),
+            "config": self.cfg.model_dump(mode="json"),
+            "dataset": self._dataset_meta(),
+            "evaluated": "teacher" if self.teacher.evaluates else "student",
+        }
+        atomic_torch_save(state, self.ckpt_dir / name)
+
+    def _save_best(self, metrics: dict) -> None:
+        if not self.is_main:
+            return
+        atomic_torch_save({
+            "format": CHECKPOINT_FORMAT, "iteration": self.iteration, "model_spec": model_spec(self.cfg, self.num_classes),
+            "weights": self.eval_model().state_dict(), "metrics": metrics,
+            "config": self.cfg.model_dump(mode="json"), "dataset": self._dataset_meta(),
+        }, self.ckpt_dir / "best.pt")
+
+    def _load(self, path: Path) -> None:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no checkpoint to resume from")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        check_compatible(state, model_spec(self.cfg, self.num_classes), path)
+        self.student.load_state_dict(state["student"])
+        self.teacher.load_state_dict(state["teacher"])
+        self.method.load_state_dict(state["method"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        self.iteration = int(state["iteration"])
+        self.best = state["best"]
+        if self.is_main:  # drop history written after the checkpoint
+            log = self.run_dir / "metrics.jsonl"
+            lines = log.read_text().splitlines() if log.exists() else []
+            keep = [ln for ln in lines if json.loads(ln).get("iteration", 0) <= self.iteration]
+            atomic_write_text(log, "".join(ln + "\n" for ln in keep))
+
+    # ------------------------------------------------------------------ loop
+    def _to_device(self, batch: dict | None) -> dict | None:
+        if batch is None:
+            return None
+        nb = self.device.type == "cuda"
+        return {k: (v.to(self.device, non_blocking=nb) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+    def _ctx(self) -> StepContext:
+        return StepContext(self.iteration, self.total, self.iteration // self.iters_per_epoch, self.total_epochs, self.num_classes)
+
+    def _all_reduce_grads(self) -> None:
+        if self.world == 1:
+            return
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if not params:
+            return
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        dist.all_reduce(flat)
+        flat /= self.world
+        o = 0
+        for p in params:
+            n = p.grad.numel()
+            p.grad.copy_(flat[o : o + n].view_as(p.grad))
+            o += n
+
+    def validate(self) -> dict | None:
+        if self.val_set is None:
+            return None
+        cm = evaluate_model(self.eval_model(), self.val_set, num_classes=self.num_classes, eval_cfg=self.cfg.eval, device=self.device, rank=self.rank, world=self.world)
+        return cm.summary(self.info.classes)
+
+    def step(self, lab: dict, unl: dict | None) -> dict:
+        cfg = self.cfg
+        lr = set_lr(self.optimizer, cfg.optim, self.iteration, self.total)
+        self.student.train()
+        self.method.train()
+        amp = torch.autocast("cuda", dtype=torch.float16) if self.use_amp else nullcontext()
+        with amp:
+            out = self.method.training_step(self.student, self.teacher, lab, unl, self._ctx())
+        loss = out.losses["loss"]
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"loss is {loss.item()} at iteration {self.iteration} ({ {k: float(v) for k, v in out.losses.items()} }); "
+                "lower optim.lr or check the labels"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self._all_reduce_grads()
+        if cfg.optim.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], cfg.optim.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.teacher.after_step(self.student)
+        rec = {k: float(v.detach()) for k, v in out.losses.items()}
+        rec.update(out.metrics)
+        rec["lr"] = lr
+        return rec
+
+    def fit(self, stop_at: int | None = None) -> dict:
+        """Train to the end (or until iteration ``stop_at``, saving a checkpoint there, as an
+        interrupted run would have) and return the summary."""
+        cfg = self.cfg
+        end = self.total if stop_at is None else min(stop_at, self.total)
+        lab_it = self.lab_stream.batches(self.iteration)
+        unl_it = self.unl_stream.batches(self.iteration) if self.unl_stream else None
+        con = console()
+        if self.is_main and self.iteration == 0:
+            con.print(
+                f"[bold]{cfg.name}[/]: {cfg.method.name} on {self.info.name} — {len(self.labeled_set)} labeled"
+                + (f", {len(self.unlabeled_set)} unlabeled" if self.unlabeled_set is not None else "")
+                + f"; {cfg.model.arch}/{cfg.model.encoder}; {self.total} iterations on {self.device}"
+                + (f" x {self.world} processes" if self.world > 1 else "")
+            )
+        t0 = time.time()
+        start_iter = self.iteration
+        last_val = None
+        running: dict[str, float] = {}
+        with progress_bar(cfg.name, self.total, enabled=self.progress) as adv:
+            adv(self.iteration)
+            while self.iteration < end:
+                lab = self._to_device(next(lab_it))
+                unl = self._to_device(next(unl_it)) if unl_it is not None else None
+                rec = self.step(lab, unl)
+                self.iteration += 1
+                for k, v in rec.items():
+                    running[k] = v if k not in running else 0.9 * running[k] + 0.1 * v
+                if self.iteration % self.iters_per_epoch == 0:
+                    self.teacher.after_epoch(self.student)
+                    self.method.on_epoch_end(self.iteration // self.iters_per_epoch - 1, self._ctx())
+                if self.iteration % cfg.train.log_every == 0 or self.iteration == self.total:
+                    self._log({"iteration": self.iteration, "time": round(time.time() - t0, 3), **{k: round(v, 6) for k, v in rec.items()}})
+                info = f"loss {running['loss']:.3f} lr {rec['lr']:.2e}" + (f" val mIoU {100 * last_val:.1f}" if last_val is not None else "")
+                adv(1, info=info)
+                if cfg.train.val_every and (self.iteration % cfg.train.val_every == 0 or self.iteration == self.total):
+                    metrics = self.validate()
+                    if metrics is not None:
+                        last_val = metrics["miou"] or 0.0
+                        self._log({"iteration": self.iteration, "val": metrics})
+                        if last_val > self.best["miou"]:
+                            self.best = {"miou": last_val, "iteration": self.iteration}
+                            self._save_best(metrics)
+                if self.iteration % cfg.train.checkpoint_every == 0 or self.iteration in (self.total, end):
+                    self._save("last.pt")
+        elapsed = time.time() - t0
+        if self.val_set is None:  # no validation: the final model is the "best"
+            self._save_best({})
+        summary = {
+            "iterations": self.total, "trained_iterations": self.iteration - start_iter, "seconds": round(elapsed, 2),
+            "seconds_per_iteration": round(elapsed / max(1, self.iteration - start_iter), 4),
+            "best_val_miou": self.best["miou"] if self.best["miou"] >= 0 else None, "best_iteration": self.best["iteration"],
+            "last_val_miou": last_val, "device": str(self.device), "world_size": self.world,
+        }
+        if self.is_main:
+            atomic_write_json(self.run_dir / "summary.json", summary)
+            from rich.table import Table
+
+            t = Table(title=f"{cfg.name}: done")
+            t.add_column("")
+            t.add_column("", justify="right")
+            for k, v in summary.items():
+                t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+            con.print(t)
+        return summary
+
+
+def check_compatible(state: dict, spec: dict, path) -> None:
+    """Clear errors for checkpoints of another format, architecture or class count."""
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not a lowlabel checkpoint (format {state.get('format') if isinstance(state, dict) else type(state).__name__})")
+    have = state["model_spec"]
+    if have["num_classes"] != spec["num_classes"]:
+        raise ValueError(f"{path}: checkpoint has {have['num_classes']} classes, the dataset/config {spec['num_classes']}")
+    for k in ("arch", "encoder"):
+        if have[k] != spec[k]:
+            raise ValueError(f"{path}: checkpoint is {have['arch']}/{have['encoder']}, the config asks for {spec['arch']}/{spec['encoder']}")

@@ -1,0 +1,50 @@
+"""Scoring predictions (a folder of PNG label maps, or a model) against a dataset split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..data.dataset import DatasetError, DatasetInfo, FolderDataset, read_label
+from .metrics import ConfusionMatrix
+
+
+def evaluate_folder(pred_dir: str | Path, data_root: str | Path, split: str = "test") -> dict:
+    """mIoU etc. of ``pred_dir/<id>.png`` against ``data_root``'s masks for the ids of ``split``.
+    Every id of the split needs a prediction; sizes must match."""
+    pred_dir = Path(pred_dir)
+    ds = FolderDataset(data_root, split, labeled=True)
+    missing = [i for i in ds.ids if not (pred_dir / f"{i}.png").is_file()]
+    if missing:
+        raise DatasetError(pred_dir, f"{len(missing)} prediction(s) missing for split {split!r}, e.g. {', '.join(missing[:5])}")
+    cm = ConfusionMatrix(ds.info.num_classes)
+    for i, sid in enumerate(ds.ids):
+        gt = read_label(ds.root / "masks" / f"{sid}.png")
+        pred = read_label(pred_dir / f"{sid}.png")
+        if pred.shape != gt.shape:
+            raise DatasetError(pred_dir / f"{sid}.png", f"size {pred.shape[::-1]} differs from the mask's {gt.shape[::-1]}")
+        if (pred >= ds.info.num_classes).any():
+            raise DatasetError(pred_dir / f"{sid}.png", f"holds class ids >= {ds.info.num_classes}")
+        cm.update(pred, gt)
+    out = cm.summary(ds.info.classes)
+    out.update({"images": len(ds), "split": split, "dataset": ds.info.name})
+    return out
+
+
+def metrics_table(summary: dict, title: str = "evaluation"):
+    """A rich table of per-class IoU, mIoU and pixel accuracy (``-`` for absent classes)."""
+    from rich.table import Table
+
+    t = Table(title=title)
+    t.add_column("class")
+    t.add_column("IoU", justify="right")
+    for name, v in summary["per_class_iou"].items():
+        t.add_row(name, "-" if v is None else f"{100 * v:.2f}")
+    t.add_section()
+    m, a = summary["miou"], summary["pixel_accuracy"]
+    t.add_row("[bold]mIoU", "-" if m is None else f"[bold]{100 * m:.2f}")
+    t.add_row("pixel accuracy", "-" if a is None else f"{100 * a:.2f}")
+    return t
+
+
+def class_names(root: str | Path) -> tuple[str, ...]:
+    return DatasetInfo.load(root).classes

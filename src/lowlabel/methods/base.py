@@ -1,0 +1,130 @@
+"""The method seam.
+
+A method is an ``nn.Module`` holding only its *extra* trainable parts (a region classifier, a
+projection head, ...; none for the baselines). Each training step the engine calls::
+
+    out = method.training_step(student, teacher, labeled, unlabeled, ctx)
+
+and back-propagates ``out.losses["loss"]`` (the weighted total; the other entries are the named
+terms, logged as they are). The engine owns everything else: loaders, optimiser (it adds
+``method.parameters()`` to it), schedule, teacher updates, AMP, DDP, checkpoints (it saves
+``method.state_dict()``), evaluation.
+
+Batches are dicts (see :mod:`lowlabel.data.dataset`): labeled ``image`` [B,3,S,S], ``mask``
+[B,S,S], ``valid`` [B,S,S]; unlabeled ``image`` (the weak view), ``strong`` [B,n,3,S,S],
+``cutmix`` [B,n,S,S], ``valid``. Unlabeled batches carry no mask.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from ..data.dataset import IGNORE_INDEX
+
+
+class MethodParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class StepContext:
+    """What a method may know about the run at this step."""
+
+    iteration: int  # 0-based index of this optimiser step
+    total_iterations: int
+    epoch: int  # 0-based; an epoch is a pass over the unlabeled set (labeled set without one)
+    total_epochs: int
+    num_classes: int
+    ignore_index: int = IGNORE_INDEX
+
+    @property
+    def progress(self) -> float:
+        return self.iteration / max(1, self.total_iterations)
+
+
+@dataclass
+class StepOutput:
+    losses: dict[str, torch.Tensor]  # must hold "loss", the total to back-propagate
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Method(nn.Module, abc.ABC):
+    """Base class of the methods. Subclasses set ``Params`` (their hyper-parameters, defaults
+    from the paper) and implement :meth:`training_step`."""
+
+    Params: ClassVar[type[MethodParams]] = MethodParams
+    uses_unlabeled: ClassVar[bool] = False
+    n_strong: ClassVar[int] = 0  # strong views each unlabeled sample needs
+    default_teacher: ClassVar[str] = "none"
+
+    def __init__(self, params: MethodParams | dict | None = None, *, num_classes: int, model=None):
+        super().__init__()
+        self.p = params if isinstance(params, MethodParams) else self.Params(**(params or {}))
+        self.num_classes = num_classes
+
+    @abc.abstractmethod
+    def training_step(self, student, teacher, labeled: dict, unlabeled: dict | None, ctx: StepContext) -> StepOutput:
+        """One step's losses. ``teacher`` is an :class:`lowlabel.engine.teachers.Teacher` or None."""
+
+    def on_epoch_end(self, epoch: int, ctx: StepContext) -> None:
+        """Called by the engine after each epoch (after the teacher's epoch update)."""
+
+
+def supervised_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over labeled pixels (``IGNORE_INDEX`` skipped); 0 when none is labeled."""
+    if not (mask != IGNORE_INDEX).any():
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits, mask, ignore_index=IGNORE_INDEX)
+
+
+def masked_pseudo_loss(logits: torch.Tensor, pseudo: torch.Tensor, conf: torch.Tensor, valid: torch.Tensor, threshold: float) -> torch.Tensor:
+    """UniMatch's unlabeled loss: per-pixel CE against hard pseudo-labels, kept where the
+    confidence reaches ``threshold`` and the pixel is valid (not padding), *divided by the number
+    of valid pixels* (not of kept ones), so that few confident pixels give a small loss."""
+    ce = F.cross_entropy(logits, pseudo.clamp_max(logits.shape[1] - 1), reduction="none")
+    keep = (conf >= threshold) & valid
+    return (ce * keep).sum() / valid.sum().clamp_min(1)
+
+
+def pseudo_labels(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(probabilities, confidence, hard label) of detached logits."""
+    probs = logits.detach().float().softmax(1)
+    conf, label = probs.max(1)
+    return probs, conf, label
+
+
+def weak_view_predictions(student, teacher, labeled_images: torch.Tensor, weak_images: torch.Tensor):
+    """Logits of the labeled batch (with grad) and of the unlabeled weak view (detached).
+
+    When the teacher *is* the student (``teacher.kind == 'self'``), both come from one joint
+    forward in train mode, as in the official FixMatch/UniMatch segmentation code; otherwise the
+    weak view goes through the teacher (eval mode, no grad)."""
+    if teacher is None or teacher.is_student:
+        logits = student(torch.cat([labeled_images, weak_images]))
+        pred_x, pred_w = logits.split([labeled_images.shape[0], weak_images.shape[0]])
+        return pred_x, pred_w.detach()
+    return student(labeled_images), teacher.predict(weak_images)
+
+
+def mix_partner(t: torch.Tensor) -> torch.Tensor:
+    """The CutMix source for each sample: the next sample of the same batch (roll by one)."""
+    return t.roll(1, dims=0)
+
+
+def accuracy_of(pseudo: torch.Tensor, mask: torch.Tensor | None, keep: torch.Tensor | None = None) -> float | None:
+    """Accuracy of pseudo-labels against the true mask where it is known (and ``keep`` holds).
+    Used for logging pseudo-label quality when unlabeled ground truth is available."""
+    if mask is None:
+        return None
+    m = mask != IGNORE_INDEX
+    if keep is not None:
+        m = m & keep
+    n = int(m.sum())
+    return float((pseudo[m] == mask[m]).float().mean()) if n else None

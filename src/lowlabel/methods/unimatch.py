@@ -1,0 +1,87 @@
+"""UniMatch (Yang et al., CVPR 2023): two strong image-level views with CutMix plus one
+feature-level perturbation of the weak view.
+
+Loss (UniMatch's ``unimatch.py``): (L_x + 0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp) / 2, i.e. labeled
+0.5 and unlabeled 0.5 split equally between the image-level pair (0.25) and the feature-level
+term (0.25). Feature perturbation: channel dropout (``Dropout2d``, p = 0.5) on the encoder
+features fed to the decoder, on the weak view, as ``decode(dropout(encode(x)))``.
+
+Deviation (stated): UniMatch draws CutMix partners from a second unlabeled loader; lowlabel mixes
+each sample with the next one of the same batch (``mix_partner``), which saves a loader and a
+forward pass. With an unlabeled batch of 1 the mix is therefore a no-op.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from ..augment.transforms import mix
+from .base import (
+    Method,
+    MethodParams,
+    StepOutput,
+    masked_pseudo_loss,
+    mix_partner,
+    pseudo_labels,
+    supervised_loss,
+)
+
+
+class UniMatchParams(MethodParams):
+    threshold: float = Field(0.95, ge=0, le=1)  # UniMatch configs (pascal/cityscapes): conf_thresh 0.95
+    fp_dropout: float = Field(0.5, ge=0, lt=1)  # UniMatch sec. 3.2: nn.Dropout2d(0.5)
+    weight_x: float = 0.5  # UniMatch code: (loss_x + ...)/2
+    weight_s: float = 0.25  # each strong view: 0.25 * 0.5 * 2 views = 0.25 of the total
+    weight_fp: float = 0.25  # feature perturbation: 0.5 * 0.5
+
+
+class UniMatch(Method):
+    Params = UniMatchParams
+    uses_unlabeled = True
+    n_strong = 2
+    default_teacher = "self"
+
+    def training_step(self, student, teacher, labeled, unlabeled, ctx):
+        x, u_w = labeled["image"], unlabeled["image"]
+        b = x.shape[0]
+        if teacher is None or teacher.is_student:
+            # one joint forward of labeled + weak, with the perturbed branch (UniMatch's need_fp)
+            feats = student.encode(torch.cat([x, u_w]))
+            size = x.shape[-2:]
+            both = student.decode(feats, size)
+            fp = student.decode([F.dropout2d(f, self.p.fp_dropout, training=True) if i else f for i, f in enumerate(feats)], size)
+            pred_x, pred_w = both.split([b, u_w.shape[0]])
+            pred_fp = fp[b:]
+            pred_w = pred_w.detach()
+        else:
+            pred_x = student(x)
+            pred_w = teacher.predict(u_w)
+            feats = student.encode(u_w)
+            pred_fp = student.decode([F.dropout2d(f, self.p.fp_dropout, training=True) if i else f for i, f in enumerate(feats)], u_w.shape[-2:])
+        _, conf, pseudo = pseudo_labels(pred_w)
+        valid = unlabeled["valid"]
+
+        strong, boxes = unlabeled["strong"], unlabeled["cutmix"]
+        losses_s = []
+        for k in range(2):
+            box = boxes[:, k]
+            img = mix(box, strong[:, k], mix_partner(strong[:, k]))
+            losses_s.append(
+                masked_pseudo_loss(
+                    student(img),
+                    mix(box, pseudo, mix_partner(pseudo)),
+                    mix(box, conf, mix_partner(conf)),
+                    mix(box, valid, mix_partner(valid)),
+                    self.p.threshold,
+                )
+            )
+        loss_x = supervised_loss(pred_x, labeled["mask"])
+        loss_fp = masked_pseudo_loss(pred_fp, pseudo, conf, valid, self.p.threshold)
+        loss = self.p.weight_x * loss_x + self.p.weight_s * (losses_s[0] + losses_s[1]) + self.p.weight_fp * loss_fp
+        kept = ((conf >= self.p.threshold) & valid).float().sum() / valid.sum().clamp_min(1)
+        return StepOutput(
+            {"loss": loss, "loss_x": loss_x.detach(), "loss_s": ((losses_s[0] + losses_s[1]) / 2).detach(), "loss_fp": loss_fp.detach()},
+            {"mask_ratio": float(kept)},
+        )

@@ -1,0 +1,216 @@
+"""Segmentation networks behind one interface.
+
+Every network is a :class:`Segmenter`::
+
+    feats  = net.encode(images)            # list of multi-level features, high resolution first
+    dec    = net.decode_features(feats)    # decoder feature map [B, D, h, w] (penultimate layer)
+    logits = net.classify(dec, out_size)   # [B, C, *out_size]
+    logits = net.decode(feats, out_size)   # = classify(decode_features(feats), out_size)
+    logits = net(images)                   # any input size: padded to the stride, then cropped
+
+Images are float [B, 3, H, W] in [0, 1]; the network normalises them itself (ImageNet mean and
+std, the convention of the encoders' published weights). Methods perturb features as
+``decode(dropout(encode(x)))`` and read ``decode_features`` (RegionMatch's region pooling,
+DerProp's projection) — the model has no method-specific flags.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+# name -> smp class name. A plain dict of builders (as segment-anything's sam_model_registry).
+SMP_ARCHS = {"deeplabv3plus": "DeepLabV3Plus", "unet": "Unet", "segformer": "Segformer", "fpn": "FPN"}
+ENCODERS = ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v2", "mit_b0", "mit_b1", "mit_b2")
+
+
+class Segmenter(nn.Module):
+    """Base class: subclasses provide ``encoder``, ``decoder_net`` and ``head`` modules and set
+    ``num_classes``, ``feature_channels`` (D of ``decode_features``) and ``size_divisor``."""
+
+    num_classes: int
+    feature_channels: int
+    size_divisor: int = 32
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1), persistent=False)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        return (images - self.mean) / self.std
+
+    def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """images float [B, 3, H, W] in [0, 1], H and W divisible by ``size_divisor``."""
+        h, w = images.shape[-2:]
+        if h % self.size_divisor or w % self.size_divisor:
+            raise ValueError(
+                f"input {h}x{w} is not divisible by {self.size_divisor}; use forward() (which pads) "
+                f"or a crop size that is a multiple of {self.size_divisor}"
+            )
+        return list(self.encoder(self.normalize(images)))
+
+    def decode_features(self, features: list[torch.Tensor]) -> torch.Tensor:
+        return self.decoder_net(features)
+
+    def classify(self, decoded: torch.Tensor, out_size) -> torch.Tensor:
+        logits = self.head(decoded)
+        if tuple(logits.shape[-2:]) != tuple(out_size):
+            logits = F.interpolate(logits, size=tuple(out_size), mode="bilinear", align_corners=False)
+        return logits
+
+    def decode(self, features: list[torch.Tensor], out_size) -> torch.Tensor:
+        return self.classify(self.decode_features(features), out_size)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        h, w = images.shape[-2:]
+        k = self.size_divisor
+        ph, pw = (-h) % k, (-w) % k
+        x = F.pad(images, (0, pw, 0, ph), mode="reflect" if min(h, w) > max(ph, pw) else "replicate") if ph or pw else images
+        return self.decode(self.encode(x), x.shape[-2:])[..., :h, :w]
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """``backbone`` (encoder) and ``head`` (decoder + classifier) parameters, for the
+        optimiser's learning-rate multiplier."""
+        enc = [p for p in self.encoder.parameters() if p.requires_grad]
+        ids = {id(p) for p in enc}
+        head = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
+        return {"backbone": enc, "head": head}
+
+
+class SmpSegmenter(Segmenter):
+    """A segmentation_models_pytorch architecture split into encode/decode."""
+
+    def __init__(self, arch: str, encoder: str, num_classes: int):
+        super().__init__()
+        import segmentation_models_pytorch as smp
+
+        net = getattr(smp, SMP_ARCHS[arch])(encoder_name=encoder, encoder_weights=None, classes=num_classes)
+        self.arch, self.encoder_name, self.num_classes = arch, encoder, num_classes
+        self.encoder = net.encoder
+        self.decoder_net = net.decoder
+        self.head = net.segmentation_head
+        net.eval()
+        with torch.no_grad():
+            probe = self.decoder_net(self.encoder(torch.zeros(1, 3, 64, 64)))
+        net.train()
+        self.feature_channels = probe.shape[1]
+        self.size_divisor = max(32, int(getattr(net.encoder, "output_stride", 32)))
+
+
+class _ConvBlock(nn.Sequential):
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__(
+            nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+        )
+
+
+class _TinyEncoder(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        chans = [width, width * 2, width * 4, width * 8]
+        self.out_channels = [3] + chans
+        self.stages = nn.ModuleList()
+        cin = 3
+        for c in chans:
+            self.stages.append(_ConvBlock(cin, c, stride=2))
+            cin = c
+
+    def forward(self, x):
+        feats = [x]
+        for s in self.stages:
+            x = s(x)
+            feats.append(x)
+        return feats
+
+
+class _TinyDecoder(nn.Module):
+    def __init__(self, chans: list[int], out: int):
+        super().__init__()
+        self.lateral = nn.ModuleList(nn.Conv2d(c, out, 1) for c in chans[1:])
+        self.fuse = _ConvBlock(out, out)
+
+    def forward(self, feats):
+        x = self.lateral[-1](feats[-1])
+        for lat, f in zip(reversed(self.lateral[:-1]), reversed(feats[1:-1])):
+            x = F.interpolate(x, size=f.shape[-2:], mode="bilinear", align_corners=False) + lat(f)
+        return self.fuse(x)  # stride 2
+
+
+class TinySegmenter(Segmenter):
+    """A small from-scratch U-Net-like network (4 stages, FPN-style decoder) for CPU tests and
+    the quickstart. Same interface as the smp networks; not meant to compete with them."""
+
+    def __init__(self, num_classes: int, width: int = 16):
+        super().__init__()
+        self.arch, self.encoder_name, self.num_classes = "tiny", f"tiny{width}", num_classes
+        self.encoder = _TinyEncoder(width)
+        self.feature_channels = width * 2
+        self.decoder_net = _TinyDecoder(self.encoder.out_channels, self.feature_channels)
+        self.head = nn.Conv2d(self.feature_channels, num_classes, 1)
+        self.size_divisor = 16
+
+
+def build_model(
+    arch: str = "deeplabv3plus",
+    encoder: str = "resnet18",
+    num_classes: int = 2,
+    pretrained: str | os.PathLike | None = None,
+    width: int = 16,
+) -> Segmenter:
+    """Build a :class:`Segmenter`.
+
+    Args:
+        arch: ``deeplabv3plus``, ``unet``, ``segformer``, ``fpn`` (segmentation_models_pytorch)
+            or ``tiny`` (a small from-scratch network for tests).
+        encoder: any smp encoder name (tested: resnet18/50/101, mobilenet_v2, mit_b0).
+        pretrained: a local file with weights — a whole-model state dict, or an encoder-only one
+            (e.g. ImageNet weights converted for the encoder). Never downloads.
+    """
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if arch == "tiny":
+        model: Segmenter = TinySegmenter(num_classes, width)
+    elif arch in SMP_ARCHS:
+        try:
+            model = SmpSegmenter(arch, encoder, num_classes)
+        except (KeyError, ValueError) as err:
+            raise ValueError(f"unknown or unsupported encoder {encoder!r} for {arch}: {err}") from None
+    else:
+        raise ValueError(f"unknown model arch {arch!r}; choose from {sorted(SMP_ARCHS) + ['tiny']}")
+    if pretrained:
+        load_pretrained(model, pretrained)
+    return model
+
+
+def load_pretrained(model: Segmenter, path: str | os.PathLike) -> None:
+    """Load a local weights file into the whole model or, failing that, its encoder."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: pretrained weights file not found (lowlabel never downloads weights)")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("model", "state_dict", "student"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
+    for target in (model, model.encoder, getattr(model.encoder, "model", None)):
+        if target is None:
+            continue
+        own = target.state_dict()
+        match = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+        if len(match) >= 0.9 * len(own) or (target is not model and len(match) >= 0.9 * len(state)):
+            target.load_state_dict(match, strict=False)
+            return
+    raise ValueError(
+        f"{path}: weights do not fit {model.arch}/{model.encoder_name} "
+        f"(neither the whole model nor its encoder matches {len(state)} tensors)"
+    )

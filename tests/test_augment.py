@@ -1,0 +1,57 @@
+import numpy as np
+import torch
+
+from lowlabel.augment.transforms import LabeledTransform, UnlabeledTransform, cutmix_box, mix, strong, weak
+
+
+def _sample(h=40, w=60):
+    mask = (torch.arange(w) // 10).repeat(h, 1) % 3
+    img = torch.stack([mask.float() / 2, torch.zeros(h, w), torch.ones(h, w)])
+    return {"image": img, "mask": mask.long(), "scribble": mask.long(), "id": "x"}
+
+
+def test_weak_moves_labels_with_pixels():
+    for seed in range(10):
+        out = weak(_sample(), np.random.default_rng(seed), size=48)
+        assert out["image"].shape == (3, 48, 48) and out["mask"].shape == (48, 48)
+        v = out["valid"]
+        assert (out["mask"][~v] == 255).all() and (out["image"][:, ~v] == 0).all()
+        # where valid, the label still equals the class encoded in the image's red channel
+        cls = (out["image"][0] * 2).round().long()
+        agree = (cls[v] == out["mask"][v]).float().mean()
+        assert agree > 0.9
+        assert torch.equal(out["mask"], out["scribble"])
+
+
+def test_augment_is_seeded():
+    a = LabeledTransform(32)(_sample(), np.random.default_rng(5))
+    b = LabeledTransform(32)(_sample(), np.random.default_rng(5))
+    c = LabeledTransform(32)(_sample(), np.random.default_rng(6))
+    assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
+    assert not torch.equal(a["image"], c["image"]) or not torch.equal(a["mask"], c["mask"])
+
+
+def test_strong_changes_only_colours():
+    img = torch.rand(3, 20, 20)
+    out = strong(img, np.random.default_rng(0), p_jitter=1.0, p_grey=0, p_blur=0)
+    assert out.shape == img.shape and not torch.equal(out, img) and 0 <= out.min() and out.max() <= 1
+
+
+def test_unlabeled_views():
+    s = UnlabeledTransform(32, n_strong=2, cutmix_p=1.0)({k: v for k, v in _sample().items() if k != "mask"}, np.random.default_rng(0))
+    assert s["strong"].shape == (2, 3, 32, 32) and s["cutmix"].shape == (2, 32, 32) and s["cutmix"].any()
+    assert "mask" not in s and s["valid"].dtype == torch.bool
+
+
+def test_cutmix_box_and_mix_move_together():
+    rng = np.random.default_rng(1)
+    box = cutmix_box(50, 50, rng, p=1.0)
+    frac = box.float().mean().item()
+    assert 0.01 < frac <= 0.41
+    assert not cutmix_box(50, 50, rng, p=0.0).any()
+    b = box[None]
+    img_a, img_b = torch.zeros(1, 3, 50, 50), torch.ones(1, 3, 50, 50)
+    lab_a, lab_b = torch.zeros(1, 50, 50, dtype=torch.long), torch.ones(1, 50, 50, dtype=torch.long)
+    conf_a, conf_b = torch.full((1, 50, 50), 0.2), torch.full((1, 50, 50), 0.9)
+    im, lb, cf = mix(b, img_a, img_b), mix(b, lab_a, lab_b), mix(b, conf_a, conf_b)
+    assert torch.equal(im[:, 0] == 1, lb == 1) and torch.equal(lb == 1, cf == 0.9) and torch.equal(lb[0] == 1, box)

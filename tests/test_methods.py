@@ -1,0 +1,85 @@
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from lowlabel.augment.transforms import LabeledTransform, UnlabeledTransform
+from lowlabel.data.dataset import FolderDataset, collate
+from lowlabel.engine.optim import build_optimizer
+from lowlabel.engine.teachers import Teacher
+from lowlabel.config import OptimConfig
+from lowlabel.methods import METHODS, StepContext, build_method
+from lowlabel.models import build_model
+
+
+def batches(root, n_strong):
+    lab = FolderDataset(root, ["img00", "img01"], transform=LabeledTransform(32))
+    unl = FolderDataset(root, ["img02", "img03"], labeled=False, transform=UnlabeledTransform(32, n_strong=n_strong, cutmix_p=1.0))
+    return collate([lab[0], lab[1]]), collate([unl[0], unl[1]]) if n_strong else None
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("teacher_kind", ["self", "ema", "epoch_momentum"])
+def test_method_contract_one_cpu_step(tiny_dataset, name, teacher_kind):
+    torch.manual_seed(0)
+    student = build_model("tiny", num_classes=3, width=4)
+    method = build_method(name, {}, num_classes=3, model=student)
+    teacher = Teacher(teacher_kind, student, decay=0.9)
+    lab, unl = batches(tiny_dataset, method.n_strong)
+    if method.uses_unlabeled:
+        method.p = method.p.model_copy(update={"threshold": 0.0})  # so every unlabeled term is active on a random net
+    t_before = copy.deepcopy(teacher.model.state_dict())
+    opt = build_optimizer(OptimConfig(lr=0.1), student, method)
+    out = method.training_step(student, teacher, lab, unl, StepContext(0, 10, 0, 2, 3))
+    loss = out.losses["loss"]
+    assert loss.requires_grad and torch.isfinite(loss)
+    for k, v in out.losses.items():
+        assert torch.isfinite(v), k
+    opt.zero_grad()
+    loss.backward()
+    student_grads = [p.grad for p in student.parameters()]
+    assert any(g is not None and g.abs().sum() > 0 for g in student_grads)
+    if not teacher.is_student:
+        assert all(p.grad is None for p in teacher.model.parameters())  # gradients only in the student
+        assert all(not p.requires_grad for p in teacher.model.parameters())
+    opt.step()
+    # the teacher changes only as its kind says
+    teacher.after_step(student)
+    after_step = teacher.model.state_dict()
+    changed = any(not torch.equal(t_before[k], after_step[k]) for k in t_before)
+    assert changed == (teacher_kind in ("ema", "self"))
+    if teacher_kind == "epoch_momentum":
+        teacher.after_epoch(student)
+        s = student.state_dict()
+        for k, v in teacher.model.state_dict().items():
+            if v.dtype.is_floating_point:
+                assert torch.allclose(v, (t_before[k] + s[k]) / 2, atol=1e-6)
+
+
+def test_ema_update_rule():
+    a, b = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+    t = Teacher("ema", a, decay=0.9)
+    t.updates = 100  # past warm-up
+    with torch.no_grad():
+        for p in b.parameters():
+            p.fill_(1.0)
+    before = [p.clone() for p in t.model.parameters()]
+    t.after_step(b)
+    for p0, p1 in zip(before, t.model.parameters()):
+        assert torch.allclose(p1, 0.9 * p0 + 0.1)
+
+
+def test_fixmatch_threshold_masks_everything_on_uncertain_predictions(tiny_dataset):
+    student = build_model("tiny", num_classes=3, width=4)
+    m = build_method("fixmatch", {"threshold": 1.0}, num_classes=3)
+    lab, unl = batches(tiny_dataset, 1)
+    out = m.training_step(student, Teacher("self", student), lab, unl, StepContext(0, 1, 0, 1, 3))
+    assert out.losses["loss_s"] == 0 and out.metrics["mask_ratio"] == 0
+
+
+def test_method_params_are_validated():
+    with pytest.raises(Exception):
+        build_method("unimatch", {"threshhold": 0.9}, num_classes=2)
+    with pytest.raises(ValueError, match="unknown method"):
+        build_method("magic", {}, num_classes=2)
