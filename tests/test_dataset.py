@@ -108,3 +108,19 @@ def test_write_label_is_atomic_and_keeps_indices(tmp_path):
     back = np.asarray(Image.open(tmp_path / "x.png"))
     assert (back == lab).all()
     assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_instance_dataset_reads_16bit_ids(tmp_path):
+    root = make_dataset(tmp_path / "inst", classes=("nucleus",))
+    meta = json.loads((root / "dataset.json").read_text())
+    (root / "dataset.json").write_text(json.dumps({**meta, "task": "instance"}))
+    (root / "instances").mkdir()
+    for p in (root / "images").iterdir():
+        inst = np.zeros((48, 64), np.uint16)
+        inst[5:10, 5:10] = 300  # ids above 255 need 16 bits
+        inst[20:30, 40:50] = 2
+        Image.fromarray(inst).save(root / "instances" / f"{p.stem}.png")
+    assert validate_dataset(root).ok
+    s = FolderDataset(root, "train")[0]
+    assert set(np.unique(s["instances"].numpy())) == {0, 2, 300}
+    assert s["mask"].sum() == 25 + 100  # foreground of the instances

@@ -328,7 +328,7 @@ class Trainer:
             con.print(
                 f"[bold]{cfg.name}[/]: {cfg.method.name} on {self.info.name} — {len(self.labeled_set)} labeled"
                 + (f", {len(self.unlabeled_set)} unlabeled" if self.unlabeled_set is not None else "")
-                + f"; {cfg.model.arch}/{cfg.model.encoder}; {self.total} iterations on {self.device}"
+                + f"; {self.student.arch}/{self.student.encoder_name}; {self.total} iterations on {self.device}"
                 + (f" x {self.world} processes" if self.world > 1 else "")
             )
         t0 = time.time()

@@ -43,6 +43,10 @@ class UniMatch(Method):
     n_strong = 2
     default_teacher = "self"
 
+    def perturbed_decode(self, student, feats, size):
+        """decode(dropout(encode(x))): channel dropout on every encoder level (not the input)."""
+        return student.decode([F.dropout2d(f, self.p.fp_dropout, training=True) if i else f for i, f in enumerate(feats)], size)
+
     def training_step(self, student, teacher, labeled, unlabeled, ctx):
         x, u_w = labeled["image"], unlabeled["image"]
         b = x.shape[0]
@@ -51,7 +55,7 @@ class UniMatch(Method):
             feats = student.encode(torch.cat([x, u_w]))
             size = x.shape[-2:]
             both = student.decode(feats, size)
-            fp = student.decode([F.dropout2d(f, self.p.fp_dropout, training=True) if i else f for i, f in enumerate(feats)], size)
+            fp = self.perturbed_decode(student, feats, size)
             pred_x, pred_w = both.split([b, u_w.shape[0]])
             pred_fp = fp[b:]
             pred_w = pred_w.detach()
@@ -59,7 +63,7 @@ class UniMatch(Method):
             pred_x = student(x)
             pred_w = teacher.predict(u_w)
             feats = student.encode(u_w)
-            pred_fp = student.decode([F.dropout2d(f, self.p.fp_dropout, training=True) if i else f for i, f in enumerate(feats)], u_w.shape[-2:])
+            pred_fp = self.perturbed_decode(student, feats, u_w.shape[-2:])
         _, conf, pseudo = pseudo_labels(pred_w)
         valid = unlabeled["valid"]
 
