@@ -111,6 +111,14 @@ def _cmd_quickstart(args) -> int:
     return 0
 
 
+def _cmd_bench(args) -> int:
+    from .bench import run_protocol
+
+    res = run_protocol(args.protocol, out=args.out, only=args.only or None)
+    print(f"{res['cells']} cell(s) finished; results in {args.out or 'benchmarks/results/' + res['protocol']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lowlabel",
@@ -162,6 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--device", default="auto")
     pr.add_argument("--no-overlay", action="store_true")
     pr.set_defaults(func=_cmd_predict)
+
+    b = sub.add_parser("bench", help="run a benchmark protocol (resumable) and write results, tables and plots")
+    b.add_argument("protocol", help="protocol YAML (see benchmarks/protocols/)")
+    b.add_argument("--only", action="append", default=[], metavar="NAME", help="only this method or cell (repeatable)")
+    b.add_argument("--out", help="results folder (default: benchmarks/results/<protocol name>)")
+    b.set_defaults(func=_cmd_bench)
 
     c = sub.add_parser("config", help="configuration tools")
     csub = c.add_subparsers(dest="config_command", metavar="SUBCOMMAND")

@@ -113,13 +113,13 @@ class Config(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
 
-def _deep_update(base: dict, over: dict) -> dict:
+def merge_raw(base: dict, over: dict) -> dict:
     out = copy.deepcopy(base)
     for k, v in over.items():
         if k == "method" and isinstance(v, dict) and v.get("name", out.get(k, {}).get("name")) != out.get(k, {}).get("name"):
             out[k] = copy.deepcopy(v)  # another method: the base's parameters do not apply
         elif isinstance(v, dict) and isinstance(out.get(k), dict) and k != "params":
-            out[k] = _deep_update(out[k], v)
+            out[k] = merge_raw(out[k], v)
         elif isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = {**out[k], **v}
         else:
@@ -182,7 +182,7 @@ def load_raw(path: str | Path) -> dict:
         braw = _resolve_paths(_read_yaml(bpath), bpath.parent)
         if "base" in braw:
             raise ValueError(f"{bpath}: a base config may not have a base of its own (one level only)")
-        raw = _deep_update(braw, raw)
+        raw = merge_raw(braw, raw)
     return raw
 
 

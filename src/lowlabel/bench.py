@@ -1,0 +1,249 @@
+"""``lowlabel bench PROTOCOL.yaml``: every cell of a protocol, resumable, with committed results.
+
+A protocol (YAML)::
+
+    name: camvid-cpu
+    split: test                 # evaluation split
+    fractions: ["1/8"]          # labeled fractions (or counts) of the train split
+    seeds: [0, 1]               # each seed sets train.seed and data.split_seed
+    config: {...}               # a complete config shared by every cell (data, model, optim, train, eval)
+    methods:                    # cell name -> overrides of `config`
+      supervised: {method: {name: supervised}}
+      unimatch: {method: {name: unimatch}}
+      full: {method: {name: supervised}, data: {labeled: "1"}, fractions: ["1"]}
+
+Each cell runs in its own process (so its peak resident memory is its own), trains, takes the
+best-on-validation checkpoint, evaluates it on ``split`` and writes ``cells/<cell>.json``. A cell
+whose JSON exists is skipped; one with a checkpoint but no JSON is resumed. ``results.json``,
+``results.md`` (mean ± std over seeds) and the plots are rebuilt from all cell JSONs at the end.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import multiprocessing as mp
+import platform
+import resource
+import statistics
+import subprocess
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import yaml
+
+from .config import merge_raw, load_config
+from .utils import atomic_write_json, atomic_write_text, console
+
+
+def load_protocol(path: str | Path) -> dict:
+    path = Path(path)
+    proto = yaml.safe_load(path.read_text())
+    for key in ("name", "config", "methods", "seeds"):
+        if key not in proto:
+            raise ValueError(f"{path}: protocol lacks {key!r}")
+    proto.setdefault("split", "test")
+    proto.setdefault("fractions", [proto["config"]["data"].get("labeled", "1")])
+    return proto
+
+
+def cells(proto: dict) -> list[dict]:
+    """Every (method, fraction, seed) cell with its complete raw config."""
+    out = []
+    for mname, over in proto["methods"].items():
+        over = copy.deepcopy(over or {})
+        fractions = over.pop("fractions", proto["fractions"])
+        for frac in fractions:
+            for seed in proto["seeds"]:
+                raw = merge_raw(proto["config"], over)
+                raw["data"] = {**raw["data"], "labeled": str(frac), "split_seed": seed}
+                raw["train"] = {**raw.get("train", {}), "seed": seed}
+                fr = str(frac).replace("/", "-")
+                name = f"{mname}__{fr}__s{seed}"
+                raw["name"] = name
+                out.append({"cell": name, "method": mname, "fraction": str(frac), "seed": seed, "raw": raw})
+    return out
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def _run_cell(cell: dict, out_dir: str, split: str, queue) -> None:
+    """Child process: train (or resume), evaluate the best checkpoint, report."""
+    try:
+        import torch
+
+        from .api import fit
+        from .engine.run import Run
+
+        raw = copy.deepcopy(cell["raw"])
+        raw["out_dir"] = str(Path(out_dir) / "runs")
+        cfg = load_config(raw=raw)
+        run_dir = Path(cfg.out_dir) / cfg.name
+        t0 = time.time()
+        if (run_dir / "checkpoints" / "last.pt").exists():
+            fit(resume=run_dir, progress=False)
+        else:
+            fit(cfg, progress=False)
+        train_seconds = time.time() - t0
+        summary = json.loads((run_dir / "summary.json").read_text())
+        run = Run.load(run_dir)
+        t1 = time.time()
+        test = run.evaluate(split=split)
+        eval_seconds = time.time() - t1
+        hist = []
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            if "val" in rec:
+                hist.append([rec["iteration"], rec["val"]["miou"]])
+        from .methods import get_method_class
+
+        mcls = get_method_class(cfg.method.name)
+        imgs_per_iter = cfg.data.labeled_batch + (cfg.data.unlabeled_batch if mcls.uses_unlabeled else 0)
+        spi = summary["seconds_per_iteration"]
+        queue.put({
+            **{k: cell[k] for k in ("cell", "method", "fraction", "seed")},
+            "method_name": cfg.method.name,
+            "test_miou": test["miou"], "test_per_class_iou": test["per_class_iou"], "test_pixel_accuracy": test["pixel_accuracy"],
+            "best_val_miou": summary["best_val_miou"], "best_iteration": summary["best_iteration"],
+            "iterations": summary["iterations"], "train_seconds": round(train_seconds, 1),
+            "seconds_per_iteration": spi, "images_per_second": round(imgs_per_iter / spi, 3) if spi else None,
+            "eval_seconds": round(eval_seconds, 1),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "val_history": hist, "device": summary["device"], "torch_threads": torch.get_num_threads(),
+            "config": cfg.model_dump(mode="json"),
+        })
+    except BaseException as err:  # report, do not hang the parent
+        import traceback
+
+        queue.put({"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()})
+
+
+def run_protocol(path: str | Path, out: str | Path | None = None, only: list[str] | None = None, progress: bool = True) -> dict:
+    proto = load_protocol(path)
+    out = Path(out or Path("benchmarks") / "results" / proto["name"])
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+    con = console()
+    todo = [c for c in cells(proto) if not only or c["method"] in only or c["cell"] in only]
+    ctx = mp.get_context("spawn")
+    for i, cell in enumerate(todo):
+        dest = out / "cells" / f"{cell['cell']}.json"
+        if dest.exists():
+            con.print(f"[{i + 1}/{len(todo)}] {cell['cell']}: done already, skipped")
+            continue
+        con.print(f"[{i + 1}/{len(todo)}] {cell['cell']}: training ({cell['raw']['train'].get('iterations')} iterations)")
+        q = ctx.Queue()
+        p = ctx.Process(target=_run_cell, args=(cell, str(out), proto["split"], q))
+        p.start()
+        res = q.get()
+        p.join()
+        if "error" in res:
+            raise RuntimeError(f"cell {cell['cell']} failed: {res['error']}\n{res['traceback']}")
+        res.update({
+            "protocol": proto["name"], "commit": git_commit(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "machine": f"{platform.node()} {platform.machine()} {platform.processor() or ''} ({mp.cpu_count()} cores)".strip(),
+        })
+        atomic_write_json(dest, res)
+        con.print(f"    test mIoU {100 * (res['test_miou'] or 0):.2f}, {res['train_seconds']:.0f} s, {res['images_per_second']} img/s, peak {res['peak_rss_mb']} MB")
+    return aggregate(out, proto)
+
+
+def _mean_std(vals: list[float]) -> tuple[float, float]:
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return math.nan, math.nan
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def aggregate(out: str | Path, proto: dict | None = None) -> dict:
+    """Rebuild results.json, results.md and the plots from the cell JSONs in ``out/cells``."""
+    out = Path(out)
+    rows = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))]
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["fraction"]), []).append(r)
+    order = list(proto["methods"]) if proto else sorted({m for m, _ in groups})
+    table = []
+    for (m, f), rs in sorted(groups.items(), key=lambda kv: (order.index(kv[0][0]) if kv[0][0] in order else 99, kv[0][1])):
+        mi, sd = _mean_std([r["test_miou"] for r in rs])
+        classes = list(rs[0]["test_per_class_iou"])
+        per_class = {c: _mean_std([r["test_per_class_iou"][c] for r in rs])[0] for c in classes}
+        table.append({
+            "method": m, "fraction": f, "seeds": sorted(r["seed"] for r in rs), "test_miou_mean": mi, "test_miou_std": sd,
+            "test_miou_per_seed": [r["test_miou"] for r in sorted(rs, key=lambda r: r["seed"])],
+            "per_class_iou_mean": per_class,
+            "seconds_per_iteration": _mean_std([r["seconds_per_iteration"] for r in rs])[0],
+            "images_per_second": _mean_std([r["images_per_second"] for r in rs])[0],
+            "train_minutes": _mean_std([r["train_seconds"] / 60 for r in rs])[0],
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in rs),
+        })
+    results = {"protocol": proto["name"] if proto else out.name, "rows": table, "cells": len(rows),
+               "commits": sorted({r["commit"] for r in rows if r.get("commit")}), "machines": sorted({r["machine"] for r in rows})}
+    atomic_write_json(out / "results.json", results)
+    atomic_write_text(out / "results.md", markdown_table(results))
+    if rows:
+        plot_results(out, table, rows)
+    return results
+
+
+def markdown_table(results: dict) -> str:
+    rows = results["rows"]
+    if not rows:
+        return f"# {results['protocol']}\n\nNo finished cells.\n"
+    classes = list(rows[0]["per_class_iou_mean"])
+    head = ["method", "labeled", "seeds", "test mIoU (%)"] + classes + ["s/iter", "img/s", "train min", "peak MB"]
+    lines = [f"# {results['protocol']}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def pct(v):
+        return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
+
+    for r in rows:
+        cells_ = [r["method"], r["fraction"], ",".join(map(str, r["seeds"])), f"{pct(r['test_miou_mean'])} ± {pct(r['test_miou_std'])}"]
+        cells_ += [pct(r["per_class_iou_mean"][c]) for c in classes]
+        cells_ += [f"{r['seconds_per_iteration']:.2f}", f"{r['images_per_second']:.1f}", f"{r['train_minutes']:.1f}", f"{r['peak_rss_mb']:.0f}"]
+        lines.append("| " + " | ".join(cells_) + " |")
+    lines += ["", f"Commits: {', '.join(c[:10] for c in results['commits'])}. Machines: {'; '.join(results['machines'])}.", ""]
+    return "\n".join(lines)
+
+
+def plot_results(out: Path, table: list[dict], rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(table)), 4))
+    labels = [f"{r['method']}\n{r['fraction']}" for r in table]
+    ax.bar(range(len(table)), [100 * r["test_miou_mean"] for r in table], yerr=[100 * r["test_miou_std"] for r in table], capsize=4, color=[f"C{i}" for i in range(len(table))])
+    for r in table:
+        for v in r["test_miou_per_seed"]:
+            ax.plot(table.index(r), 100 * (v or 0), "k.", ms=5)
+    ax.set_xticks(range(len(table)), labels, fontsize=8)
+    ax.set_ylabel("test mIoU (%)")
+    ax.set_title("test mIoU per method (bars: mean ± std over seeds; dots: seeds)")
+    fig.tight_layout()
+    fig.savefig(out / "miou.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    methods = []
+    for r in sorted(rows, key=lambda r: (r["method"], r["fraction"], r["seed"])):
+        key = (r["method"], r["fraction"])
+        color = f"C{[t['method'] + t['fraction'] for t in table].index(r['method'] + r['fraction'])}"
+        h = r["val_history"]
+        ax.plot([x for x, _ in h], [100 * (y or 0) for _, y in h], "-", color=color, alpha=0.8, label=None if key in methods else f"{r['method']} {r['fraction']}")
+        methods.append(key)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("validation mIoU (%)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.set_title("validation mIoU during training (one line per seed)")
+    fig.tight_layout()
+    fig.savefig(out / "val_curves.png", dpi=110)
+    plt.close(fig)
