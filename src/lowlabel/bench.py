@@ -97,11 +97,14 @@ def _run_cell(cell: dict, out_dir: str, split: str, queue) -> None:
         t1 = time.time()
         test = run.evaluate(split=split)
         eval_seconds = time.time() - t1
-        hist = []
+        hist, pseudo_acc = [], {}
         for line in (run_dir / "metrics.jsonl").read_text().splitlines():
             rec = json.loads(line)
             if "val" in rec:
                 hist.append([rec["iteration"], rec["val"]["miou"]])
+            for k, v in rec.items():
+                if k.startswith("acc_"):
+                    pseudo_acc.setdefault(k, []).append([rec["iteration"], v])
         from .methods import get_method_class
 
         mcls = get_method_class(cfg.method.name)
@@ -116,7 +119,7 @@ def _run_cell(cell: dict, out_dir: str, split: str, queue) -> None:
             "seconds_per_iteration": spi, "images_per_second": round(imgs_per_iter / spi, 3) if spi else None,
             "eval_seconds": round(eval_seconds, 1),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "val_history": hist, "device": summary["device"], "torch_threads": torch.get_num_threads(),
+            "val_history": hist, "pseudo_accuracy_history": pseudo_acc, "device": summary["device"], "torch_threads": torch.get_num_threads(),
             "config": cfg.model_dump(mode="json"),
         })
     except BaseException as err:  # report, do not hang the parent

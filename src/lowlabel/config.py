@@ -33,6 +33,7 @@ class DataConfig(_Strict):
     crop: int = 256
     scale: tuple[float, float] = (0.5, 2.0)  # UniMatch: random rescale ratio range
     base_size: int | None = Field(None, description="long side before rescale; None keeps the image size")
+    unlabeled_gt: bool = Field(False, description="load unlabeled images' masks to log pseudo-label accuracy (never used in losses)")
     labeled_batch: int = 4
     unlabeled_batch: int = 4
     workers: int = 0

@@ -203,6 +203,8 @@ class FolderDataset(torch.utils.data.Dataset):
             need no mask file at all.
         weak: also read a weak label folder (``"scribbles"`` or a folder named in
             ``dataset.json``'s ``weak_labels``) into ``sample["scribble"]``.
+        diagnostic_gt: for unlabeled samples, load the mask (when the file exists) into
+            ``sample["gt"]`` — used only to *measure* pseudo-label accuracy, never in a loss.
         transform: called on the sample dict; receives ``(sample, rng)`` when it accepts two
             arguments, with ``rng`` a ``numpy.random.Generator`` seeded from
             ``(seed, epoch, index)`` so augmentation is reproducible whatever the worker count.
@@ -218,6 +220,7 @@ class FolderDataset(torch.utils.data.Dataset):
         transform: Callable | None = None,
         seed: int = 0,
         info: DatasetInfo | None = None,
+        diagnostic_gt: bool = False,
     ):
         self.info = info or DatasetInfo.load(root)
         self.root = Path(root)
@@ -226,6 +229,7 @@ class FolderDataset(torch.utils.data.Dataset):
         self.ids = list(ids)
         self.labeled = labeled
         self.weak = weak
+        self.diagnostic_gt = diagnostic_gt and not labeled and self.info.task == "semantic"
         self.transform = transform
         self.seed = seed
         self.epoch = 0
@@ -263,6 +267,8 @@ class FolderDataset(torch.utils.data.Dataset):
                 labels.append(("instances", self.root / "instances" / f"{sid}.png", True))
             else:
                 labels.append(("mask", self.root / "masks" / f"{sid}.png", False))
+        if self.diagnostic_gt and (self.root / "masks" / f"{sid}.png").exists():
+            labels.append(("gt", self.root / "masks" / f"{sid}.png", False))
         if self.weak_folder():
             labels.append(("scribble", self.root / self.weak_folder() / f"{sid}.png", False))
         for key, path, sixteen in labels:

@@ -54,6 +54,7 @@ def build_sets(cfg: DataConfig, n_strong: int, seed: int, need_unlabeled: bool):
         unl = FolderDataset(
             cfg.root, unlabeled_ids, labeled=False, info=lab.info,
             transform=UnlabeledTransform(cfg.crop, tuple(cfg.scale), cfg.base_size, n_strong=n_strong), seed=seed + 1,
+            diagnostic_gt=cfg.unlabeled_gt,
         )
     return lab, unl
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .base import Method, MethodParams, StepContext, StepOutput
 from .fixmatch import FixMatch
+from .regionmatch import RegionMatch
 from .supervised import Supervised
 from .unimatch import UniMatch
 
@@ -11,6 +12,7 @@ METHODS: dict[str, type[Method]] = {
     "supervised": Supervised,
     "fixmatch": FixMatch,
     "unimatch": UniMatch,
+    "regionmatch": RegionMatch,
 }
 
 

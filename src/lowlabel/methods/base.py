@@ -128,3 +128,16 @@ def accuracy_of(pseudo: torch.Tensor, mask: torch.Tensor | None, keep: torch.Ten
         m = m & keep
     n = int(m.sum())
     return float((pseudo[m] == mask[m]).float().mean()) if n else None
+
+
+def pseudo_label_metrics(pseudo: torch.Tensor, conf: torch.Tensor, valid: torch.Tensor, threshold: float, gt: torch.Tensor | None) -> dict:
+    """``mask_ratio`` (share of valid pixels above the threshold) and, when the unlabeled
+    images' true masks were loaded for diagnostics, the accuracy of the kept pseudo-labels
+    (``acc_threshold``) and of all of them (``acc_all``)."""
+    keep = (conf >= threshold) & valid
+    out = {"mask_ratio": float(keep.sum() / valid.sum().clamp_min(1))}
+    for name, m in (("acc_threshold", keep), ("acc_all", valid)):
+        a = accuracy_of(pseudo, gt, m)
+        if a is not None:
+            out[name] = a
+    return out

@@ -12,6 +12,7 @@ from ..augment.transforms import mix
 from .base import (
     Method,
     MethodParams,
+    pseudo_label_metrics,
     StepOutput,
     masked_pseudo_loss,
     mix_partner,
@@ -44,5 +45,4 @@ class FixMatch(Method):
         loss_x = supervised_loss(pred_x, labeled["mask"])
         loss_s = masked_pseudo_loss(student(img_s), pseudo_m, conf_m, valid_m, self.p.threshold)
         loss = (loss_x + self.p.weight_u * loss_s) / 2.0
-        kept = ((conf >= self.p.threshold) & valid).float().sum() / valid.sum().clamp_min(1)
-        return StepOutput({"loss": loss, "loss_x": loss_x.detach(), "loss_s": loss_s.detach()}, {"mask_ratio": float(kept)})
+        return StepOutput({"loss": loss, "loss_x": loss_x.detach(), "loss_s": loss_s.detach()}, pseudo_label_metrics(pseudo, conf, valid, self.p.threshold, unlabeled.get("gt")))

@@ -24,6 +24,7 @@ from .base import (
     StepOutput,
     masked_pseudo_loss,
     mix_partner,
+    pseudo_label_metrics,
     pseudo_labels,
     supervised_loss,
 )
@@ -84,8 +85,7 @@ class UniMatch(Method):
         loss_x = supervised_loss(pred_x, labeled["mask"])
         loss_fp = masked_pseudo_loss(pred_fp, pseudo, conf, valid, self.p.threshold)
         loss = self.p.weight_x * loss_x + self.p.weight_s * (losses_s[0] + losses_s[1]) + self.p.weight_fp * loss_fp
-        kept = ((conf >= self.p.threshold) & valid).float().sum() / valid.sum().clamp_min(1)
         return StepOutput(
             {"loss": loss, "loss_x": loss_x.detach(), "loss_s": ((losses_s[0] + losses_s[1]) / 2).detach(), "loss_fp": loss_fp.detach()},
-            {"mask_ratio": float(kept)},
+            pseudo_label_metrics(pseudo, conf, valid, self.p.threshold, unlabeled.get("gt")),
         )
