@@ -39,6 +39,9 @@ def test_committed_protocols_expand():
     for path in sorted((REPO / "benchmarks" / "protocols").glob("*.yaml")):
         proto = load_protocol(path)
         cs = cells(proto)
-        assert len(cs) == len(proto["methods"]) * len(proto["seeds"]) * 1
+        expected = sum(len(m.get("seeds", proto["seeds"])) for m in proto["methods"].values())
+        assert len(cs) == expected
+        seeds = [c["seed"] for c in cs]
+        assert seeds == sorted(seeds)  # seed-major
         full = [c for c in cs if c["method"] == "full"]
         assert all(c["raw"]["data"]["labeled"] == "1" for c in full)

@@ -5,12 +5,13 @@ A protocol (YAML)::
     name: camvid-cpu
     split: test                 # evaluation split
     fractions: ["1/8"]          # labeled fractions (or counts) of the train split
-    seeds: [0, 1]               # each seed sets train.seed and data.split_seed
+    seeds: [0, 1]               # each seed sets train.seed and data.split_seed (cells run seed-major)
     config: {...}               # a complete config shared by every cell (data, model, optim, train, eval)
     methods:                    # cell name -> overrides of `config`
       supervised: {method: {name: supervised}}
       unimatch: {method: {name: unimatch}}
-      full: {method: {name: supervised}, data: {labeled: "1"}, fractions: ["1"]}
+      full: {method: {name: supervised}, fractions: ["1"]}
+      ablation: {method: {...}, seeds: [0]}
 
 Each cell runs in its own process (so its peak resident memory is its own), trains, takes the
 best-on-validation checkpoint, evaluates it on ``split`` and writes ``cells/<cell>.json``. A cell
@@ -50,13 +51,16 @@ def load_protocol(path: str | Path) -> dict:
 
 
 def cells(proto: dict) -> list[dict]:
-    """Every (method, fraction, seed) cell with its complete raw config."""
+    """Every (method, fraction, seed) cell with its complete raw config, seed-major (every
+    method's first seed before any second seed), so a partial run already covers every row.
+    A method may narrow ``fractions`` and ``seeds`` (e.g. one seed for an ablation)."""
     out = []
     for mname, over in proto["methods"].items():
         over = copy.deepcopy(over or {})
         fractions = over.pop("fractions", proto["fractions"])
+        seeds = over.pop("seeds", proto["seeds"])
         for frac in fractions:
-            for seed in proto["seeds"]:
+            for seed in seeds:
                 raw = merge_raw(proto["config"], over)
                 raw["data"] = {**raw["data"], "labeled": str(frac), "split_seed": seed}
                 raw["train"] = {**raw.get("train", {}), "seed": seed}
@@ -64,7 +68,8 @@ def cells(proto: dict) -> list[dict]:
                 name = f"{mname}__{fr}__s{seed}"
                 raw["name"] = name
                 out.append({"cell": name, "method": mname, "fraction": str(frac), "seed": seed, "raw": raw})
-    return out
+    order = {s: i for i, s in enumerate(proto["seeds"])}
+    return sorted(out, key=lambda c: order.get(c["seed"], len(order)))
 
 
 def git_commit() -> str | None:

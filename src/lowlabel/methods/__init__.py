@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .base import Method, MethodParams, StepContext, StepOutput
+from .derprop import DerProp
 from .fixmatch import FixMatch
 from .regionmatch import RegionMatch
 from .supervised import Supervised
@@ -13,6 +14,7 @@ METHODS: dict[str, type[Method]] = {
     "fixmatch": FixMatch,
     "unimatch": UniMatch,
     "regionmatch": RegionMatch,
+    "derprop": DerProp,
 }
 
 
