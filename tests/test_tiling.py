@@ -61,3 +61,14 @@ def test_stitching_averages_overlaps():
     assert pred.probs[1, 5, 4].item() == pytest.approx(w0, abs=1e-4)
     assert pred.probs[1, 5, 20].item() == pytest.approx((w0 + w1) / 2, abs=1e-4)
     assert pred.probs[1, 5, 36].item() == pytest.approx(w1, abs=1e-4)
+
+
+def test_sink_streams_rows_in_order():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 3, (100, 70)).astype(np.uint8)
+    img = np.stack([labels] * 3, -1)
+    got = []
+    pred = sliding_window(_identity_model(3), img, 3, tile=32, overlap=8, sink=lambda y, lab, c: got.append((y, lab)))
+    assert pred.labels is None
+    assert [y for y, _ in got] == sorted(y for y, _ in got) and got[0][0] == 0
+    assert (np.concatenate([lab for _, lab in got]) == labels).all()

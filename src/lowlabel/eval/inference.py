@@ -20,8 +20,8 @@ from ..data.tiling import ArrayReader, TileGrid, WindowReader, window_weights
 
 @dataclass
 class Prediction:
-    labels: np.ndarray  # uint8/int64 [H, W]: argmax class
-    confidence: np.ndarray  # float16 [H, W]: max softmax probability
+    labels: np.ndarray | None  # uint8/int64 [H, W]: argmax class (None when streamed to a sink)
+    confidence: np.ndarray | None  # float16 [H, W]: max softmax probability (None when streamed)
     probs: torch.Tensor | None = None  # float32 [C, H, W] when return_probs=True
 
 
@@ -38,6 +38,7 @@ def sliding_window(
     device: str | torch.device = "cpu",
     return_probs: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    sink: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
 ) -> Prediction:
     """Predict a whole image window by window.
 
@@ -49,6 +50,9 @@ def sliding_window(
         weighting: ``gaussian`` or ``uniform`` stitching weights; softmax probabilities of
             overlapping windows are averaged with these weights.
         return_probs: also return the stitched probabilities [C, H, W] (memory: 4*C*H*W bytes).
+        sink: ``sink(y0, labels_rows, confidence_rows)`` receives each band of finished rows,
+            top to bottom, instead of the result holding them (memory then stays flat: write
+            the rows to disk as they come).
     """
     if isinstance(image, torch.Tensor):
         arr = (image.detach().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
@@ -61,8 +65,9 @@ def sliding_window(
     grid = TileGrid(H, W, tile, overlap)
     th, tw = min(tile, H), min(tile, W)
     wt = window_weights(th, tw, weighting).to(device)
-    labels = np.zeros((H, W), dtype=np.uint8 if num_classes <= 255 else np.int64)
-    conf = np.zeros((H, W), dtype=np.float16)
+    dtype = np.uint8 if num_classes <= 255 else np.int64
+    labels = None if sink else np.zeros((H, W), dtype=dtype)
+    conf = None if sink else np.zeros((H, W), dtype=np.float16)
     probs_out = torch.zeros(num_classes, H, W) if return_probs else None
 
     band = torch.zeros(num_classes, 0, W, device=device)  # rows [band_top, band_top + band.shape[1])
@@ -78,8 +83,12 @@ def sliding_window(
             return
         p = band[:, :n] / band_w[:n].clamp_min(1e-12)
         c, lab = p.max(0)
-        labels[band_top:upto] = lab.cpu().numpy().astype(labels.dtype)
-        conf[band_top:upto] = c.cpu().numpy().astype(np.float16)
+        lab_np, c_np = lab.cpu().numpy().astype(dtype), c.cpu().numpy().astype(np.float16)
+        if sink:
+            sink(band_top, lab_np, c_np)
+        else:
+            labels[band_top:upto] = lab_np
+            conf[band_top:upto] = c_np
         if probs_out is not None:
             probs_out[:, band_top:upto] = p.cpu()
         band, band_w, band_top = band[:, n:], band_w[n:], upto
