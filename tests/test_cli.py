@@ -50,3 +50,12 @@ def test_evaluate_prediction_folder(tiny_dataset, tmp_path, capsys):
     assert "mIoU" in capsys.readouterr().out
     (pred / "img05.png").unlink()
     assert main(["evaluate", str(pred), "--data", str(tiny_dataset), "--split", "test"]) == 2
+
+
+def test_weaken_refine_weights_commands(tiny_dataset, tmp_path, capsys):
+    assert main(["weaken", str(tiny_dataset), "--kind", "coarse", "--out", str(tmp_path / "w"), "--quiet"]) == 0
+    assert main(["refine", str(tmp_path / "w"), "--weak", "coarse", "--out", str(tmp_path / "r"), "--limit", "1"]) == 0
+    assert (tmp_path / "r" / "masks" / "img00.png").exists()
+    assert main(["weights", "list"]) == 0
+    assert "sam_vit_b" in capsys.readouterr().out
+    assert main(["refine", str(tmp_path / "w"), "--weak", "coarse", "--out", str(tmp_path / "r2"), "--backend", "sam", "--checkpoint", str(tmp_path / "none.pth")]) == 2

@@ -20,16 +20,10 @@ def _cmd_validate(args) -> int:
     from rich.table import Table
 
     from .data.validate import validate_dataset
-    from .utils import console, progress_bar
+    from .utils import console, counting_progress
 
     con = console()
-    with progress_bar(f"checking {Path(args.dataset).name}", None, enabled=not args.quiet, transient=True) as adv:
-        state = {"n": 0}
-
-        def prog(n, total):
-            adv(n - state["n"])
-            state["n"] = n
-
+    with counting_progress(f"checking {Path(args.dataset).name}", enabled=not args.quiet, transient=True) as prog:
         report = validate_dataset(args.dataset, extra_split_files=args.split_file, progress=prog)
     if report.info is not None:
         info = report.info
@@ -119,6 +113,57 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _cmd_weaken(args) -> int:
+    from .data.weak import weaken_dataset
+    from .utils import counting_progress
+
+    with counting_progress(f"weaken ({args.kind})", enabled=not args.quiet) as prog:
+        out = weaken_dataset(args.dataset, args.kind, args.out, seed=args.seed, split=args.split, progress=prog)
+    print(f"weak labels ({args.kind}) -> {out}; train with data.root={out} data.weak={'points' if args.kind == 'point' else args.kind + ('s' if args.kind == 'scribble' else '')}")
+    return 0
+
+
+def _cmd_refine(args) -> int:
+    from .data.dataset import DatasetInfo
+    from .data.validate import require_valid
+    from .sam import build_segmenter
+    from .sam.cache import EmbeddingCache
+    from .sam.refine import RefineSettings, refine_dataset
+    from .utils import counting_progress
+
+    require_valid(args.dataset)
+    info = DatasetInfo.load(args.dataset)
+    folder = str(info.weak_labels.get(args.weak, args.weak)).rstrip("/")
+    kind = args.kind or {"points": "point", "scribbles": "scribble"}.get(folder, "coarse")
+    seg = build_segmenter(args.backend, checkpoint=args.checkpoint, model_type=args.model_type, device=args.device)
+    settings = RefineSettings(weak_kind=kind, sampler=args.sampler, selection=args.selection, points=args.points)
+    cache = EmbeddingCache(args.cache) if args.cache else None
+    with counting_progress(f"refine ({seg.name})") as prog:
+        man = refine_dataset(args.dataset, args.out, seg, settings, weak_folder=folder, split=args.split, seed=args.seed, cache=cache, progress=prog, limit=args.limit)
+    print(f"{len(man['images'])} image(s) refined -> {args.out} (masks/, confidence/, manifest.json)")
+    return 0
+
+
+def _cmd_weights(args) -> int:
+    from rich.table import Table
+
+    from .sam.weights import CHECKPOINTS, download
+    from .utils import console
+
+    if args.weights_command == "download":
+        path, digest, verified = download(args.name, args.to)
+        note = "verified" if verified else "no recorded hash to verify against: compare it with the publisher's"
+        print(f"{path}\nsha256 {digest} ({note})")
+        return 0
+    t = Table(title="promptable segmenter checkpoints (local files only; lowlabel never downloads during training)")
+    for col in ("name", "backend", "model", "size", "sha256", "url"):
+        t.add_column(col)
+    for c in CHECKPOINTS.values():
+        t.add_row(c.name, c.backend, c.model_type, f"~{c.approx_mb} MB", c.sha256 or "not recorded", c.url)
+    console().print(t)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lowlabel",
@@ -177,6 +222,42 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", help="results folder (default: benchmarks/results/<protocol name>)")
     b.set_defaults(func=_cmd_bench)
 
+    w = sub.add_parser("weaken", help="simulate weak labels (points, scribbles, coarse) from dense masks")
+    w.add_argument("dataset")
+    w.add_argument("--kind", required=True, choices=["point", "scribble", "coarse"])
+    w.add_argument("--out", required=True, help="new folder dataset (images/masks linked, weak labels written)")
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--split", default="train")
+    w.add_argument("--quiet", action="store_true")
+    w.set_defaults(func=_cmd_weaken)
+
+    r = sub.add_parser("refine", help="weak labels -> dense labels and confidence with a promptable segmenter")
+    r.add_argument("dataset")
+    r.add_argument("--weak", required=True, help="weak label folder or its dataset.json name (scribbles, points, coarse)")
+    r.add_argument("--kind", choices=["point", "scribble", "coarse"], help="default: from the folder name")
+    r.add_argument("--backend", default="classical", choices=["classical", "sam", "sam2"])
+    r.add_argument("--model-type", help="vit_b/vit_l/vit_h for sam, a SAM 2.1 config (sam2.1_hiera_t ...) for sam2")
+    r.add_argument("--checkpoint", help="local weights file (or LOWLABEL_SAM_CHECKPOINT); without one SAM has random weights")
+    r.add_argument("--sampler", default="skeleton", choices=["skeleton", "probability", "topk", "center", "boundary", "random"])
+    r.add_argument("--selection", default="coverage", choices=["coverage", "score", "random", "smallest"])
+    r.add_argument("--points", type=int, default=5, help="K points per instance (default 5, SeSAM)")
+    r.add_argument("--split", default="train")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--cache", help="embedding cache folder (reused across runs)")
+    r.add_argument("--limit", type=int, help="only the first N images")
+    r.add_argument("--device", default="cpu")
+    r.add_argument("--out", required=True)
+    r.set_defaults(func=_cmd_refine)
+
+    wt = sub.add_parser("weights", help="official SAM / MobileSAM / SAM 2 checkpoints")
+    wsub = wt.add_subparsers(dest="weights_command", metavar="SUBCOMMAND")
+    wsub.add_parser("list", help="name, URL, size, SHA-256").set_defaults(func=_cmd_weights)
+    wd = wsub.add_parser("download", help="download and verify a checkpoint (needs internet)")
+    wd.add_argument("name")
+    wd.add_argument("--to", required=True)
+    wd.set_defaults(func=_cmd_weights)
+    wt.set_defaults(func=_cmd_weights, weights_command="list")
+
     c = sub.add_parser("config", help="configuration tools")
     csub = c.add_subparsers(dest="config_command", metavar="SUBCOMMAND")
     cs = csub.add_parser("show", help="print the fully resolved config")
@@ -197,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args.func(args) or 0)
-    except (DatasetError, FileNotFoundError, ValueError) as err:
+    except (DatasetError, FileNotFoundError, ValueError, ConnectionError, ImportError) as err:
         print(f"lowlabel {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -59,10 +59,26 @@ def progress_bar(description: str, total: int | None, *, enabled: bool = True, t
     with Progress(*cols, transient=transient) as prog:
         task = prog.add_task(description, total=total, info="")
 
-        def advance(n: int = 1, info: str | None = None) -> None:
-            prog.update(task, advance=n, **({"info": info} if info is not None else {}))
+        def advance(n: int = 1, info: str | None = None, total: int | None = None) -> None:
+            extra = {"info": info} if info is not None else {}
+            if total is not None:
+                extra["total"] = total
+            prog.update(task, advance=n, **extra)
 
         yield advance
+
+
+@contextlib.contextmanager
+def counting_progress(description: str, *, enabled: bool = True, transient: bool = False) -> Iterator:
+    """A progress bar driven by ``callback(done, total)`` calls (the library's progress hooks)."""
+    with progress_bar(description, None, enabled=enabled, transient=transient) as adv:
+        state = {"n": 0}
+
+        def callback(done: int, total: int) -> None:
+            adv(done - state["n"], total=total)
+            state["n"] = done
+
+        yield callback
 
 
 def resolve_device(name: str = "auto") -> torch.device:

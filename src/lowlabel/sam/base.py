@@ -1,0 +1,79 @@
+"""The promptable-segmenter interface.
+
+    emb = segmenter.embed(image)                 # uint8 [H, W, 3] -> Embedding (cacheable)
+    out = segmenter.segment(emb, prompts)        # Segments for N prompts
+
+Prompts are in the *original* image's pixel coordinates: points (x, y) = (column, row) with
+labels 1 (positive) / 0 (negative), boxes XYXY; each backend resizes and pads itself.
+``Segments.masks`` is bool [N, 3, H, W] (three granularities when ``multimask``, else [N, 1, H,
+W]), ``scores`` float [N, 3], ``low_res_logits`` float [N, 3, h, w] (256 x 256 for SAM).
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Prompts:
+    """N prompts. ``points`` float [N, K, 2] (x, y), ``labels`` int [N, K] (1 pos, 0 neg),
+    ``boxes`` float [N, 4] XYXY or None, ``mask_logits`` float [N, 1, 256, 256] or None."""
+
+    points: np.ndarray | None = None
+    labels: np.ndarray | None = None
+    boxes: np.ndarray | None = None
+    mask_logits: np.ndarray | None = None
+
+    def __post_init__(self):
+        if self.points is not None:
+            self.points = np.asarray(self.points, np.float32).reshape(-1, np.asarray(self.points).shape[-2], 2)
+            self.labels = np.ones(self.points.shape[:2], np.int64) if self.labels is None else np.asarray(self.labels, np.int64).reshape(self.points.shape[:2])
+        if self.boxes is not None:
+            self.boxes = np.asarray(self.boxes, np.float32).reshape(-1, 4)
+        if self.points is None and self.boxes is None and self.mask_logits is None:
+            raise ValueError("a prompt needs points, boxes or mask logits")
+
+    def __len__(self) -> int:
+        for a in (self.points, self.boxes, self.mask_logits):
+            if a is not None:
+                return len(a)
+        return 0
+
+
+@dataclass
+class Embedding:
+    """A backend's encoding of one image. ``data`` is whatever the backend needs (a tensor for
+    SAM, label maps for the classical backend); ``original_size`` is (H, W)."""
+
+    data: object
+    original_size: tuple[int, int]
+    backend: str
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class Segments:
+    masks: np.ndarray  # bool [N, M, H, W]
+    scores: np.ndarray  # float [N, M]
+    low_res_logits: torch.Tensor | None = None  # [N, M, h, w]
+
+
+class PromptableSegmenter(abc.ABC):
+    """Frozen promptable segmenters (SAM and friends). ``name`` and ``weights_id`` (a hash of the
+    weights, or how they were made) key the embedding cache together with ``transform_id``."""
+
+    name: str = "segmenter"
+    weights_id: str = "none"
+    transform_id: str = "identity"
+
+    @abc.abstractmethod
+    def embed(self, image: np.ndarray) -> Embedding:
+        """uint8 [H, W, 3] -> Embedding."""
+
+    @abc.abstractmethod
+    def segment(self, embedding: Embedding, prompts: Prompts, multimask: bool = True) -> Segments:
+        """Masks at the original size for each prompt."""

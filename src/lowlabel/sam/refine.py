@@ -1,0 +1,182 @@
+"""Weak labels -> dense labels with a promptable segmenter (SeSAM sec. 3.2, S4M sec. 4.2).
+
+For each class of the weak label map, its mask is split into instances (connected components,
+SeSAM eq. 1); K points are sampled in each instance; the segmenter returns three candidate
+masks; one is chosen (SeSAM's coverage/compatibility rule by default) and painted with the class.
+Points and scribbles are first grown into a coarse mask by prompting with the weak pixels
+themselves and keeping the *smallest* candidate (SeSAM sec. 3.2, "Types of weak supervision").
+A teacher's probability map [C, H, W] is a weak label too: its argmax where the probability
+reaches ``prob_threshold``, with S4M's probability sampler available.
+
+Output: labels uint8 [H, W] (255 where nothing was decided) and confidence float32 [H, W]: 1 on
+annotated pixels, the chosen candidate's score on pixels added by the segmenter, 0 elsewhere.
+Where two instances claim a pixel, the higher score wins; annotated pixels always keep their
+label.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..data.dataset import IGNORE_INDEX, DatasetInfo, read_ids, read_image, read_label, write_label
+from ..eval.metrics import ConfusionMatrix
+from .base import PromptableSegmenter, Prompts
+from .prompts import instances, sample_points, select_mask
+
+WEAK_KINDS = ("coarse", "scribble", "point", "probs")
+
+
+@dataclass
+class RefineSettings:
+    weak_kind: str = "coarse"  # coarse | scribble | point | probs
+    sampler: str = "skeleton"  # see lowlabel.sam.prompts.SAMPLERS
+    selection: str = "coverage"  # see lowlabel.sam.prompts.SELECTIONS
+    points: int = 5  # K (SeSAM sec. 4)
+    tau1: float = 0.3  # coverage threshold r (SeSAM)
+    tau2: float = 0.7  # compatibility threshold p (SeSAM)
+    min_instance: int = 1
+    prob_threshold: float = 0.9
+
+    def __post_init__(self):
+        if self.weak_kind not in WEAK_KINDS:
+            raise ValueError(f"unknown weak label kind {self.weak_kind!r}; choose from {WEAK_KINDS}")
+
+
+def _prompt_batch(point_sets: list[np.ndarray]) -> Prompts:
+    k = max(len(p) for p in point_sets)
+    padded = [np.concatenate([p, np.repeat(p[-1:], k - len(p), 0)]) for p in point_sets]  # repeat the last point
+    return Prompts(points=np.stack(padded), labels=np.ones((len(padded), k), np.int64))
+
+
+def _paint(labels, conf, masks: list[np.ndarray], classes: list[int], scores: list[float]) -> None:
+    for m, c, s in zip(masks, classes, scores):
+        win = m & (s > conf)
+        labels[win] = c
+        conf[win] = s
+
+
+def refine_image(image: np.ndarray, weak: np.ndarray | None, num_classes: int, segmenter: PromptableSegmenter, settings: RefineSettings, rng: np.random.Generator, *, probs: np.ndarray | None = None, embedding=None) -> tuple[np.ndarray, np.ndarray]:
+    st = settings
+    emb = embedding if embedding is not None else segmenter.embed(image)
+    if st.weak_kind == "probs":
+        if probs is None:
+            raise ValueError("weak_kind 'probs' needs a probability map [C, H, W]")
+        weak = np.where(probs.max(0) >= st.prob_threshold, probs.argmax(0), IGNORE_INDEX).astype(np.uint8)
+    annotated = weak != IGNORE_INDEX
+    coarse = weak.copy()
+    if st.weak_kind in ("point", "scribble"):  # step 1: grow sparse labels with the smallest candidate
+        sets, cls, weaks = [], [], []
+        for c in range(num_classes):
+            for inst in instances(weak == c):
+                pts = sample_points(inst, st.points, "random", rng)
+                sets.append(pts)
+                cls.append(c)
+                weaks.append(inst)
+        if sets:
+            seg = segmenter.segment(emb, _prompt_batch(sets))
+            grown, gconf = coarse.copy(), annotated.astype(np.float32)
+            chosen = [seg.masks[i, select_mask(seg.masks[i], seg.scores[i], "smallest", rng)] for i in range(len(sets))]
+            _paint(grown, gconf, chosen, cls, [0.5] * len(chosen))  # first come, first served
+            grown[annotated] = weak[annotated]
+            coarse = grown
+    labels = np.full(weak.shape, IGNORE_INDEX, np.uint8)
+    conf = np.zeros(weak.shape, np.float32)
+    sets, cls, weaks = [], [], []
+    for c in range(num_classes):
+        for inst in instances(coarse == c, st.min_instance):
+            pts = sample_points(inst, st.points, st.sampler, rng, prob=None if probs is None else probs[c])
+            if len(pts):
+                sets.append(pts)
+                cls.append(c)
+                weaks.append(inst)
+    if sets:
+        seg = segmenter.segment(emb, _prompt_batch(sets))
+        chosen, scores = [], []
+        for i in range(len(sets)):
+            j = select_mask(seg.masks[i], seg.scores[i], st.selection, rng, weak=weaks[i], tau1=st.tau1, tau2=st.tau2)
+            chosen.append(seg.masks[i, j])
+            scores.append(float(np.clip(seg.scores[i, j], 1e-3, 0.999)))
+        _paint(labels, conf, chosen, cls, scores)
+    labels[annotated] = weak[annotated]
+    conf[annotated] = 1.0
+    return labels, conf
+
+
+class LabelQuality:
+    """Quality of a (partial) label map against the truth: ``coverage`` (share of the truth's
+    labeled pixels that got a label), ``precision`` (accuracy on those), and ``miou`` with
+    unlabeled pixels counted as wrong (an extra "unlabeled" prediction), so a sparse label map
+    cannot score well by being sparse."""
+
+    def __init__(self, num_classes: int):
+        self.c = num_classes
+        self.cm = ConfusionMatrix(num_classes + 1)
+
+    def update(self, pred: np.ndarray, gt: np.ndarray) -> None:
+        p = np.where(pred == IGNORE_INDEX, self.c, pred)
+        self.cm.update(p, gt)
+
+    def summary(self) -> dict:
+        m = self.cm.matrix.double()
+        total = float(m.sum())
+        labeled = float(m[:, : self.c].sum())
+        iou = self.cm.iou()[: self.c]
+        valid = ~np.isnan(iou)
+        return {
+            "coverage": labeled / total if total else None,
+            "precision": float(m[:, : self.c].diag().sum()) / labeled if labeled else None,
+            "miou": float(iou[valid].mean()) if valid.any() else None,
+        }
+
+
+def refine_dataset(
+    root: str | os.PathLike, out: str | os.PathLike, segmenter: PromptableSegmenter, settings: RefineSettings, *,
+    weak_folder: str, split: str = "train", seed: int = 0, cache=None, progress=None, limit: int | None = None,
+) -> dict:
+    """Refine the weak labels in ``root/weak_folder`` for the ids of ``split``; write
+    ``out/masks/<id>.png``, ``out/confidence/<id>.png`` (0-255) and ``out/manifest.json``.
+    Resumable: images whose mask and confidence exist are skipped. Returns the manifest."""
+    root, out = Path(root), Path(out)
+    info = DatasetInfo.load(root)
+    ids = read_ids(root / "splits" / f"{split}.txt")[:limit]
+    (out / "masks").mkdir(parents=True, exist_ok=True)
+    (out / "confidence").mkdir(parents=True, exist_ok=True)
+    mpath = out / "manifest.json"
+    manifest = json.loads(mpath.read_text()) if mpath.exists() else {}
+    manifest.update({
+        "backend": segmenter.name, "weights": segmenter.weights_id, "transform": segmenter.transform_id,
+        "settings": asdict(settings), "seed": seed, "dataset": str(root), "weak_folder": weak_folder, "split": split,
+    })
+    manifest.setdefault("images", {})
+    from ..data.dataset import index_images
+
+    images = index_images(root)
+    for n, sid in enumerate(ids):
+        mfile, cfile = out / "masks" / f"{sid}.png", out / "confidence" / f"{sid}.png"
+        if mfile.exists() and cfile.exists() and sid in manifest["images"]:
+            if progress:
+                progress(n + 1, len(ids))
+            continue
+        t0 = time.time()
+        image = read_image(images[sid])
+        weak = read_label(root / weak_folder / f"{sid}.png")
+        emb = cache.get_or_embed(image, segmenter) if cache is not None else segmenter.embed(image)
+        t1 = time.time()
+        rng = np.random.default_rng([seed, zlib.crc32(sid.encode())])
+        labels, conf = refine_image(image, weak, info.num_classes, segmenter, settings, rng, embedding=emb)
+        write_label(mfile, labels, info.palette)
+        write_label(cfile, (conf * 255).round().astype(np.uint8))
+        manifest["images"][sid] = {"embed_seconds": round(t1 - t0, 3), "refine_seconds": round(time.time() - t1, 3)}
+        tmp = mpath.with_name(f".manifest.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(manifest, indent=2))
+        os.replace(tmp, mpath)
+        if progress:
+            progress(n + 1, len(ids))
+    return manifest

@@ -1,0 +1,118 @@
+"""Every backend through the whole path (image -> embedding -> masks) with random weights of the
+real architecture, and the embedding cache."""
+
+import multiprocessing as mp
+
+import numpy as np
+import pytest
+import torch
+
+from lowlabel.sam import Prompts, build_segmenter
+from lowlabel.sam.cache import EmbeddingCache
+
+
+def _image():
+    img = np.full((256, 512, 3), 40, np.uint8)
+    img[60:140, 100:220] = (220, 60, 60)  # a red rectangle on grey
+    return img
+
+
+def test_classical_backend_segments_the_object_under_the_point():
+    seg = build_segmenter("classical")
+    emb = seg.embed(_image())
+    out = seg.segment(emb, Prompts(points=[[[150, 100]], [[400, 200]]]))
+    assert out.masks.shape == (2, 3, 256, 512) and out.scores.shape == (2, 3)
+    rect = np.zeros((256, 512), bool)
+    rect[60:140, 100:220] = True
+    cover = [(m & rect).sum() / rect.sum() for m in out.masks[0]]
+    leak = [(m & ~rect).sum() / max(m.sum(), 1) for m in out.masks[0]]
+    assert all(lk < 0.05 for lk in leak)  # every granularity stays inside the object
+    assert max(cover) > 0.85  # all of it but the blurred 1-2 px boundary strip (measured 0.88)
+    assert [m.sum() for m in out.masks[0]] == sorted(m.sum() for m in out.masks[0])  # fine -> coarse
+    assert not (out.masks[1] & rect).any()
+    neg = seg.segment(emb, Prompts(points=[[[150, 100], [160, 110]]], labels=[[1, 0]]))
+    assert not neg.masks[0].any()  # the negative point removes its segment
+    boxed = seg.segment(emb, Prompts(points=[[[150, 100]]], boxes=[[100, 60, 160, 140]]))
+    assert not boxed.masks[0, :, :, 161:].any()
+
+
+def test_official_sam_vit_b_whole_path_and_coordinates():
+    pytest.importorskip("segment_anything")
+    seg = build_segmenter("sam", model_type="vit_b")
+    assert seg.weights_id == "random-seed0"
+    img = _image()
+    emb = seg.embed(img)  # 256 x 512 -> resized to 512 x 1024, padded to 1024 x 1024
+    assert tuple(emb.data.shape) == (1, 256, 64, 64) and emb.meta["input_size"] == (512, 1024)
+    out = seg.segment(emb, Prompts(points=[[[150, 100]], [[400, 200]]]))
+    assert out.masks.shape == (2, 3, 256, 512) and out.masks.dtype == bool and tuple(out.low_res_logits.shape) == (2, 3, 256, 256)
+    # coordinate handling, independent of the weights: a point at the centre of embedding cell
+    # (i, j) after the x2 resize gets exactly that cell's dense positional encoding
+    i, j = 10, 20
+    x, y = (16 * j + 7.5) / 2, (16 * i + 7.5) / 2  # original pixels; SAM adds 0.5 to pixel coordinates
+    pe = seg.sam.prompt_encoder
+    coords = torch.as_tensor(seg.resize.apply_coords(np.array([[[x, y]]], np.float32), emb.original_size))
+    sparse, _ = pe(points=(coords, torch.ones(1, 1, dtype=torch.long)), boxes=None, masks=None)
+    point_pe = sparse[0, 0] - pe.point_embeddings[1].weight[0]
+    dense = pe.get_dense_pe()[0, :, i, j]
+    assert torch.allclose(point_pe, dense, atol=1e-4)
+    other = pe.get_dense_pe()[0, :, i + 3, j - 2]
+    assert not torch.allclose(point_pe, other, atol=1e-2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", ["vit_l", "vit_h"])
+def test_large_sam_architectures_build(model_type):
+    pytest.importorskip("segment_anything")
+    seg = build_segmenter("sam", model_type=model_type)
+    out = seg.segment(seg.embed(_image()), Prompts(points=[[[150, 100]]]))
+    assert out.masks.shape == (1, 3, 256, 512)
+
+
+def test_sam2_whole_path():
+    pytest.importorskip("sam2")
+    seg = build_segmenter("sam2", model_type="sam2.1_hiera_t")
+    emb = seg.embed(_image())
+    out = seg.segment(emb, Prompts(points=[[[150, 100], [160, 110]], [[400, 200], [410, 190]]]))
+    assert out.masks.shape == (2, 3, 256, 512) and out.scores.shape == (2, 3)
+    one = seg.segment(emb, Prompts(points=[[[150, 100]]]), multimask=False)
+    assert one.masks.shape == (1, 1, 256, 512)
+
+
+def test_unknown_backend_and_missing_checkpoint(tmp_path):
+    with pytest.raises(ValueError, match="unknown backend"):
+        build_segmenter("mobilesam9")
+    pytest.importorskip("segment_anything")
+    with pytest.raises(FileNotFoundError, match="weights list"):
+        build_segmenter("sam", checkpoint=tmp_path / "nope.pth")
+
+
+def _writer(root, q):
+    seg = build_segmenter("classical")
+    cache = EmbeddingCache(root)
+    cache.get_or_embed(_image(), seg)
+    q.put(cache.misses)
+
+
+def test_cache_reads_on_second_run_and_survives_concurrent_writers(tmp_path):
+    seg = build_segmenter("classical")
+    cache = EmbeddingCache(tmp_path)
+    a = cache.get_or_embed(_image(), seg)
+    b = EmbeddingCache(tmp_path).get_or_embed(_image(), seg)
+    assert cache.misses == 1
+    assert np.array_equal(a.data["segments"], b.data["segments"]) and b.original_size == (256, 512)
+    other = _image()
+    other[0, 0] = 0
+    assert cache.key(other, seg) != cache.key(_image(), seg)
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_writer, args=(str(tmp_path / "c"), q)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [q.get() for _ in procs]  # both finished
+    files = list((tmp_path / "c").rglob("*.pt"))
+    assert len(files) == 1 and not list((tmp_path / "c").rglob("*.tmp"))
+    c = EmbeddingCache(tmp_path / "c")
+    c.get_or_embed(_image(), seg)
+    assert c.hits == 1
