@@ -36,9 +36,10 @@ def test_classical_backend_segments_the_object_under_the_point():
     assert not boxed.masks[0, :, :, 161:].any()
 
 
-def test_official_sam_vit_b_whole_path_and_coordinates():
+@pytest.mark.parametrize("backend,model_type", [("sam", "vit_b"), ("mobilesam", None)])
+def test_sam_whole_path_and_coordinates(backend, model_type):
     pytest.importorskip("segment_anything")
-    seg = build_segmenter("sam", model_type="vit_b")
+    seg = build_segmenter(backend, model_type=model_type)
     assert seg.weights_id == "random-seed0"
     img = _image()
     emb = seg.embed(img)  # 256 x 512 -> resized to 512 x 1024, padded to 1024 x 1024
@@ -57,6 +58,22 @@ def test_official_sam_vit_b_whole_path_and_coordinates():
     assert torch.allclose(point_pe, dense, atol=1e-4)
     other = pe.get_dense_pe()[0, :, i + 3, j - 2]
     assert not torch.allclose(point_pe, other, atol=1e-2)
+
+
+def test_mobilesam_checkpoint_round_trip(tmp_path):
+    pytest.importorskip("segment_anything")
+    a = build_segmenter("mobilesam", seed=1)
+    enc = a.sam.image_encoder
+    n = sum(p.numel() for k, p in enc.named_parameters() if not k.startswith(("head", "norm_head")))
+    assert 5.6e6 < n < 5.9e6  # MobileSAM paper: a 5.78M-parameter image encoder
+    torch.save(a.sam.state_dict(), tmp_path / "mobile_sam.pt")
+    b = build_segmenter("mobilesam", checkpoint=tmp_path / "mobile_sam.pt", seed=2)
+    assert len(b.weights_id) == 16
+    for k, v in a.sam.state_dict().items():
+        assert torch.equal(v, b.sam.state_dict()[k]), k
+    torch.save({"image_encoder.nope": torch.zeros(1)}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="not a vit_t SAM checkpoint"):
+        build_segmenter("mobilesam", checkpoint=tmp_path / "bad.pt")
 
 
 @pytest.mark.slow

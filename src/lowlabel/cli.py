@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("dataset")
     r.add_argument("--weak", required=True, help="weak label folder or its dataset.json name (scribbles, points, coarse)")
     r.add_argument("--kind", choices=["point", "scribble", "coarse"], help="default: from the folder name")
-    r.add_argument("--backend", default="classical", choices=["classical", "sam", "sam2"])
+    r.add_argument("--backend", default="classical", choices=["classical", "sam", "mobilesam", "sam2"])
     r.add_argument("--model-type", help="vit_b/vit_l/vit_h for sam, a SAM 2.1 config (sam2.1_hiera_t ...) for sam2")
     r.add_argument("--checkpoint", help="local weights file (or LOWLABEL_SAM_CHECKPOINT); without one SAM has random weights")
     r.add_argument("--sampler", default="skeleton", choices=["skeleton", "probability", "topk", "center", "boundary", "random"])

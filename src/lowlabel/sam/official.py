@@ -1,4 +1,5 @@
-"""Official SAM (``segment_anything`` package: vit_b, vit_l, vit_h) behind the promptable interface.
+"""Official SAM (``segment_anything`` package: vit_b, vit_l, vit_h) and MobileSAM (vit_t, with
+lowlabel's TinyViT encoder) behind the promptable interface.
 
 Weights come from a local checkpoint file (``checkpoint=`` or ``LOWLABEL_SAM_CHECKPOINT``); with
 none, the real architecture is built with random weights (``seed``), which gives the real cost
@@ -20,7 +21,7 @@ import torch
 
 from .base import Embedding, PromptableSegmenter, Prompts, Segments
 
-SAM_TYPES = ("vit_b", "vit_l", "vit_h")
+SAM_TYPES = ("vit_b", "vit_l", "vit_h", "vit_t")  # vit_t = MobileSAM (lowlabel.sam.mobilesam)
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -50,7 +51,12 @@ class SamSegmenter(PromptableSegmenter):
             raise ValueError(f"unknown SAM type {model_type!r}; choose from {SAM_TYPES}")
         checkpoint = checkpoint or os.environ.get("LOWLABEL_SAM_CHECKPOINT") or None
         torch.manual_seed(seed)
-        sam = sam_model_registry[model_type](checkpoint=None)
+        if model_type == "vit_t":
+            from .mobilesam import build_mobile_sam
+
+            sam = build_mobile_sam()
+        else:
+            sam = sam_model_registry[model_type](checkpoint=None)
         if checkpoint:
             path = Path(checkpoint)
             if not path.is_file():
@@ -66,7 +72,7 @@ class SamSegmenter(PromptableSegmenter):
             p.requires_grad_(False)
         self.device = torch.device(device)
         self.resize = ResizeLongestSide(self.sam.image_encoder.img_size)
-        self.name = f"sam_{model_type}"
+        self.name = "mobilesam_vit_t" if model_type == "vit_t" else f"sam_{model_type}"
         self.transform_id = f"longest{self.sam.image_encoder.img_size}"
 
     @torch.no_grad()
