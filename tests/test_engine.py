@@ -11,7 +11,6 @@ import yaml
 from lowlabel.api import fit
 from lowlabel.config import load_config
 from lowlabel.engine.optim import lr_factor
-from lowlabel.engine.run import Run
 from lowlabel.engine.trainer import Trainer
 from lowlabel.config import OptimConfig
 

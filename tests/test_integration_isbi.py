@@ -2,7 +2,6 @@
 model's forward pass and training steps, evaluate, predict)."""
 
 import numpy as np
-import torch
 
 from lowlabel.api import fit
 from lowlabel.augment.transforms import LabeledTransform, UnlabeledTransform

@@ -2,7 +2,6 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from lowlabel.data.dataset import FolderDataset, read_label
 from lowlabel.data.weak import annotation_hours, simulate, weaken_dataset

@@ -5,7 +5,6 @@ Coordinates: a window is ``(y0, x0, h, w)`` in pixels of the full image, rows fi
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,14 +149,3 @@ def open_reader(path: str | os.PathLike) -> WindowReader:
 
     return ArrayReader(read_image(path))
 
-
-def tiles_needed(height: int, width: int, tile: int, overlap: int | float = 0) -> int:
-    return len(TileGrid(height, width, tile, overlap))
-
-
-def megapixels(height: int, width: int) -> float:
-    return height * width / 1e6
-
-
-def ceil_to(n: int, k: int) -> int:
-    return int(math.ceil(n / k) * k)

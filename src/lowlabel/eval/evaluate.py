@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..data.dataset import DatasetError, DatasetInfo, FolderDataset, read_label
+from ..data.dataset import DatasetError, FolderDataset, read_label
 from .metrics import ConfusionMatrix
 
 
@@ -45,6 +45,3 @@ def metrics_table(summary: dict, title: str = "evaluation"):
     t.add_row("pixel accuracy", "-" if a is None else f"{100 * a:.2f}")
     return t
 
-
-def class_names(root: str | Path) -> tuple[str, ...]:
-    return DatasetInfo.load(root).classes

@@ -62,7 +62,7 @@ class EmbeddingCache:
                 self.hits += 1
                 return Embedding(_from_tensors(d["data"]), tuple(d["original_size"]), d["backend"], _from_tensors(d["meta"]))
             except (RuntimeError, EOFError, KeyError, OSError):
-                pass  # unreadable entry: recompute and overwrite
+                path.unlink(missing_ok=True)  # unreadable entry: drop it, recompute below
         self.misses += 1
         emb = segmenter.embed(image)
         path.parent.mkdir(parents=True, exist_ok=True)
