@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from lowlabel.augment.transforms import LabeledTransform, UnlabeledTransform, cutmix_box, mix, strong, weak
+from lowlabel.augment.transforms import LabeledTransform, UnlabeledTransform, crop, cutmix_box, mix, rescale, rescale_crop, strong, weak
 
 
 def _sample(h=40, w=60):
@@ -55,3 +55,21 @@ def test_cutmix_box_and_mix_move_together():
     conf_a, conf_b = torch.full((1, 50, 50), 0.2), torch.full((1, 50, 50), 0.9)
     im, lb, cf = mix(b, img_a, img_b), mix(b, lab_a, lab_b), mix(b, conf_a, conf_b)
     assert torch.equal(im[:, 0] == 1, lb == 1) and torch.equal(lb == 1, cf == 0.9) and torch.equal(lb[0] == 1, box)
+
+
+def test_rescale_crop_matches_rescale_then_crop():
+    """The window-only path draws the same numbers and yields the same pixels as resizing the
+    whole image and cropping (labels exactly, image to float rounding), for enlargements,
+    reductions and crops larger than the image."""
+    g = torch.Generator().manual_seed(0)
+    for trial in range(60):
+        h, w = (int(v) for v in torch.randint(20, 300, (2,), generator=g))
+        s = {"image": torch.rand(3, h, w, generator=g), "mask": torch.randint(0, 5, (h, w), generator=g), "valid": torch.ones(h, w, dtype=torch.bool)}
+        size = int(torch.randint(16, 320, (1,), generator=g))
+        r1, r2 = np.random.default_rng(trial), np.random.default_rng(trial)
+        ref = crop(rescale(s, r1, (0.3, 3.0)), r1, size)
+        new = rescale_crop(s, r2, size, (0.3, 3.0))
+        assert r1.random() == r2.random()
+        assert new["image"].shape == (3, size, size)
+        assert torch.allclose(ref["image"], new["image"], atol=1e-4)
+        assert torch.equal(ref["mask"], new["mask"]) and torch.equal(ref["valid"], new["valid"])

@@ -2,7 +2,7 @@ import json
 
 import yaml
 
-from lowlabel.bench import cells, load_protocol, run_protocol
+from lowlabel.bench import _late_pseudo_means, cells, load_protocol, run_protocol
 from lowlabel.cli import main
 
 from .conftest import REPO
@@ -16,7 +16,7 @@ def test_two_cell_protocol_runs_resumes_and_reports(tiny_dataset, tmp_path):
             "model": {"arch": "tiny", "width": 4}, "optim": {"lr": 0.01},
             "train": {"iterations": 3, "val_every": 3, "checkpoint_every": 3}, "eval": {"tile": 64},
         },
-        "methods": {"supervised": {"method": {"name": "supervised"}}, "fixmatch": {"method": {"name": "fixmatch"}}},
+        "methods": {"supervised": {"method": {"name": "supervised"}}, "fixmatch": {"method": {"name": "fixmatch"}, "data": {"unlabeled_gt": True}}},
     }
     p = tmp_path / "p.yaml"
     p.write_text(yaml.safe_dump(proto))
@@ -27,9 +27,11 @@ def test_two_cell_protocol_runs_resumes_and_reports(tiny_dataset, tmp_path):
     for k in ("test_miou", "test_per_class_iou", "train_seconds", "seconds_per_iteration", "images_per_second", "peak_rss_mb", "commit", "val_history"):
         assert k in cell
     assert cell["peak_rss_mb"] > 10
-    for f in ("results.json", "results.md", "miou.png", "val_curves.png"):
+    assert {"acc_all", "mask_ratio"} <= set(cell["pseudo_accuracy_history"])  # acc_threshold only once a pixel is confident
+    for f in ("results.json", "results.md", "miou.png", "val_curves.png", "pseudo_labels.png"):
         assert (out / f).exists()
-    assert "| supervised | 2 | 0 |" in (out / "results.md").read_text()
+    md = (out / "results.md").read_text()
+    assert "| supervised | 2 | 0 |" in md and "| fixmatch | 2 | " in md.split("## Pseudo-labels")[1]
     before = (out / "cells" / "fixmatch__2__s0.json").stat().st_mtime
     assert main(["bench", str(p), "--out", str(out)]) == 0  # finished cells are skipped
     assert (out / "cells" / "fixmatch__2__s0.json").stat().st_mtime == before
@@ -45,3 +47,13 @@ def test_committed_protocols_expand():
         assert seeds == sorted(seeds)  # seed-major
         full = [c for c in cs if c["method"] == "full"]
         assert all(c["raw"]["data"]["labeled"] == "1" for c in full)
+
+
+def test_pseudo_label_means_use_the_second_half_then_average_seeds():
+    rows = [
+        {"iterations": 100, "pseudo_accuracy_history": {"acc_x": [[10, 0.0], [50, 0.0], [60, 0.5], [100, 0.7]], "mask_ratio": [[100, 0.2]]}},
+        {"iterations": 100, "pseudo_accuracy_history": {"acc_x": [[80, 0.9]]}},
+        {"iterations": 100},  # a method without pseudo-labels
+    ]
+    m = _late_pseudo_means(rows)
+    assert abs(m["acc_x"] - (0.6 + 0.9) / 2) < 1e-9 and abs(m["mask_ratio"] - 0.2) < 1e-9

@@ -79,6 +79,12 @@ def git_commit() -> str | None:
         return None
 
 
+def is_pseudo_key(key: str) -> bool:
+    """Training metrics that describe the pseudo-labels: their accuracy against the diagnostic
+    masks of the unlabeled images (``acc_*``) and the share of pixels a rule keeps (``*_ratio``)."""
+    return key.startswith("acc_") or key.endswith("_ratio")
+
+
 def _run_cell(cell: dict, out_dir: str, split: str, queue) -> None:
     """Child process: train (or resume), evaluate the best checkpoint, report."""
     try:
@@ -108,7 +114,7 @@ def _run_cell(cell: dict, out_dir: str, split: str, queue) -> None:
             if "val" in rec:
                 hist.append([rec["iteration"], rec["val"]["miou"]])
             for k, v in rec.items():
-                if k.startswith("acc_"):
+                if is_pseudo_key(k):
                     pseudo_acc.setdefault(k, []).append([rec["iteration"], v])
         from .methods import get_method_class
 
@@ -190,6 +196,7 @@ def aggregate(out: str | Path, proto: dict | None = None) -> dict:
             "images_per_second": _mean_std([r["images_per_second"] for r in rs])[0],
             "train_minutes": _mean_std([r["train_seconds"] / 60 for r in rs])[0],
             "peak_rss_mb": max(r["peak_rss_mb"] for r in rs),
+            "pseudo_labels": _late_pseudo_means(rs),
         })
     results = {"protocol": proto["name"] if proto else out.name, "rows": table, "cells": len(rows),
                "commits": sorted({r["commit"] for r in rows if r.get("commit")}), "machines": sorted({r["machine"] for r in rows})}
@@ -198,6 +205,23 @@ def aggregate(out: str | Path, proto: dict | None = None) -> dict:
     if rows:
         plot_results(out, table, rows)
     return results
+
+
+def _late_pseudo_means(rs: list[dict]) -> dict[str, float]:
+    """Each pseudo-label metric averaged over the second half of training, then over seeds
+    (single batches are noisy; the second half is where the methods differ)."""
+    out = {}
+    keys = sorted({k for r in rs for k in r.get("pseudo_accuracy_history", {})})
+    for k in keys:
+        per_seed = []
+        for r in rs:
+            h = r.get("pseudo_accuracy_history", {}).get(k, [])
+            late = [v for it, v in h if it > r["iterations"] / 2]
+            if late:
+                per_seed.append(statistics.fmean(late))
+        if per_seed:
+            out[k] = statistics.fmean(per_seed)
+    return out
 
 
 def markdown_table(results: dict) -> str:
@@ -217,6 +241,18 @@ def markdown_table(results: dict) -> str:
         cells_ += [f"{r['seconds_per_iteration']:.2f}", f"{r['images_per_second']:.1f}", f"{r['train_minutes']:.1f}", f"{r['peak_rss_mb']:.0f}"]
         lines.append("| " + " | ".join(cells_) + " |")
     lines += ["", f"Commits: {', '.join(c[:10] for c in results['commits'])}. Machines: {'; '.join(results['machines'])}.", ""]
+    pseudo = [r for r in rows if r.get("pseudo_labels")]
+    if pseudo:
+        keys = sorted({k for r in pseudo for k in r["pseudo_labels"]}, key=lambda k: (not k.startswith("acc_"), k))
+        lines += [
+            "## Pseudo-labels on the unlabeled images (mean over the second half of training, %)", "",
+            "`acc_*`: accuracy of the pseudo-labels a rule keeps, against the unlabeled images' true masks "
+            "(loaded for diagnostics only, never trained on); `*_ratio`: share of valid pixels the rule keeps.", "",
+            "| method | labeled | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys),
+        ]
+        for r in pseudo:
+            lines.append(f"| {r['method']} | {r['fraction']} | " + " | ".join(pct(r["pseudo_labels"].get(k)) for k in keys) + " |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -254,4 +290,44 @@ def plot_results(out: Path, table: list[dict], rows: list[dict]) -> None:
     ax.set_title("validation mIoU during training (one line per seed)")
     fig.tight_layout()
     fig.savefig(out / "val_curves.png", dpi=110)
+    plt.close(fig)
+    plot_pseudo_labels(out, rows, plt)
+
+
+def _smooth(ys: list[float], k: int = 5) -> list[float]:
+    return [statistics.fmean(ys[max(0, i - k + 1): i + 1]) for i in range(len(ys))]
+
+
+def plot_pseudo_labels(out: Path, rows: list[dict], plt) -> None:
+    """Pseudo-label accuracy (solid) and kept share (dashed) against iterations, one panel per
+    method, one colour per rule, a running mean over 5 logged batches (the paper's Fig. 4 for
+    RegionMatch: PRSPL vs the fixed threshold)."""
+    methods = sorted({r["method"] for r in rows if r.get("pseudo_accuracy_history")})
+    if not methods:
+        return
+    ncols = min(3, len(methods))
+    nrows = math.ceil(len(methods) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.6 * nrows), squeeze=False)
+    for ax in axes.flat[len(methods):]:
+        ax.set_visible(False)
+    for ax, m in zip(axes.flat, methods):
+        keys = sorted({k for r in rows if r["method"] == m for k in r.get("pseudo_accuracy_history", {})})
+        colors = {}
+        for k in keys:
+            base = k.removeprefix("acc_").removesuffix("_ratio")
+            colors.setdefault(base, f"C{len(colors)}")
+        for r in (r for r in rows if r["method"] == m):
+            for k, h in sorted(r.get("pseudo_accuracy_history", {}).items()):
+                base = k.removeprefix("acc_").removesuffix("_ratio")
+                ax.plot([x for x, _ in h], _smooth([100 * y for _, y in h]), "-" if k.startswith("acc_") else "--",
+                        color=colors[base], alpha=0.8, label=f"{k} (s{r['seed']})")
+        ax.set_title(m, fontsize=9)
+        ax.set_xlabel("iteration")
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    for row in axes:
+        row[0].set_ylabel("% (solid: accuracy, dashed: kept share)")
+    fig.tight_layout()
+    fig.savefig(out / "pseudo_labels.png", dpi=110)
     plt.close(fig)
