@@ -2,7 +2,7 @@ import json
 
 import yaml
 
-from lowlabel.bench import _late_pseudo_means, cells, load_protocol, run_protocol
+from lowlabel.bench import _late_pseudo_means, cells, load_protocol, run_protocol, step_seconds
 from lowlabel.cli import main
 
 from .conftest import REPO
@@ -24,7 +24,7 @@ def test_two_cell_protocol_runs_resumes_and_reports(tiny_dataset, tmp_path):
     res = run_protocol(p, out=out, progress=False)
     assert res["cells"] == 2 and {r["method"] for r in res["rows"]} == {"supervised", "fixmatch"}
     cell = json.loads((out / "cells" / "fixmatch__2__s0.json").read_text())
-    for k in ("test_miou", "test_per_class_iou", "train_seconds", "seconds_per_iteration", "images_per_second", "peak_rss_mb", "commit", "val_history"):
+    for k in ("test_miou", "test_per_class_iou", "train_seconds", "seconds_per_iteration", "images_per_second", "peak_rss_mb", "commit", "val_history", "step_seconds"):
         assert k in cell
     assert cell["peak_rss_mb"] > 10
     assert {"acc_all", "mask_ratio"} <= set(cell["pseudo_accuracy_history"])  # acc_threshold only once a pixel is confident
@@ -57,3 +57,11 @@ def test_pseudo_label_means_use_the_second_half_then_average_seeds():
     ]
     m = _late_pseudo_means(rows)
     assert abs(m["acc_x"] - (0.6 + 0.9) / 2) < 1e-9 and abs(m["mask_ratio"] - 0.2) < 1e-9
+
+
+def test_step_seconds_leaves_out_validation_and_resumes():
+    recs = [{"iteration": 10, "time": 10.0}, {"iteration": 20, "time": 20.0}, {"iteration": 20, "val": {}},
+            {"iteration": 30, "time": 90.0}, {"iteration": 40, "time": 100.0},  # 30: includes a validation
+            {"iteration": 50, "time": 8.0}, {"iteration": 60, "time": 18.0}]    # resumed: clock restarts
+    assert step_seconds(recs) == 1.0
+    assert step_seconds([{"iteration": 10, "time": 1.0}]) is None

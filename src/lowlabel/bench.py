@@ -85,6 +85,15 @@ def is_pseudo_key(key: str) -> bool:
     return key.startswith("acc_") or key.endswith("_ratio")
 
 
+def step_seconds(records: list[dict]) -> float | None:
+    """Seconds per training step: the median over logging intervals of elapsed time / steps.
+    The median leaves out the intervals that contain a validation or a checkpoint, so this is
+    the training throughput, unlike wall time / iterations (``seconds_per_iteration``)."""
+    pts = [(r["iteration"], r["time"]) for r in records if "time" in r and "val" not in r]
+    rates = [(t1 - t0) / (i1 - i0) for (i0, t0), (i1, t1) in zip(pts, pts[1:]) if i1 > i0 and t1 > t0]
+    return round(statistics.median(rates), 4) if rates else None
+
+
 def _run_cell(cell: dict, out_dir: str, split: str, queue) -> None:
     """Child process: train (or resume), evaluate the best checkpoint, report."""
     try:
@@ -109,8 +118,8 @@ def _run_cell(cell: dict, out_dir: str, split: str, queue) -> None:
         test = run.evaluate(split=split)
         eval_seconds = time.time() - t1
         hist, pseudo_acc = [], {}
-        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-            rec = json.loads(line)
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        for rec in records:
             if "val" in rec:
                 hist.append([rec["iteration"], rec["val"]["miou"]])
             for k, v in rec.items():
@@ -121,13 +130,15 @@ def _run_cell(cell: dict, out_dir: str, split: str, queue) -> None:
         mcls = get_method_class(cfg.method.name)
         imgs_per_iter = cfg.data.labeled_batch + (cfg.data.unlabeled_batch if mcls.uses_unlabeled else 0)
         spi = summary["seconds_per_iteration"]
+        step = step_seconds(records)
         queue.put({
             **{k: cell[k] for k in ("cell", "method", "fraction", "seed")},
             "method_name": cfg.method.name,
             "test_miou": test["miou"], "test_per_class_iou": test["per_class_iou"], "test_pixel_accuracy": test["pixel_accuracy"],
             "best_val_miou": summary["best_val_miou"], "best_iteration": summary["best_iteration"],
             "iterations": summary["iterations"], "train_seconds": round(train_seconds, 1),
-            "seconds_per_iteration": spi, "images_per_second": round(imgs_per_iter / spi, 3) if spi else None,
+            "seconds_per_iteration": spi, "step_seconds": step, "images_per_iteration": imgs_per_iter,
+            "images_per_second": round(imgs_per_iter / step, 3) if step else None,
             "eval_seconds": round(eval_seconds, 1),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "val_history": hist, "pseudo_accuracy_history": pseudo_acc, "device": summary["device"], "torch_threads": torch.get_num_threads(),
@@ -193,6 +204,8 @@ def aggregate(out: str | Path, proto: dict | None = None) -> dict:
             "test_miou_per_seed": [r["test_miou"] for r in sorted(rs, key=lambda r: r["seed"])],
             "per_class_iou_mean": per_class,
             "seconds_per_iteration": _mean_std([r["seconds_per_iteration"] for r in rs])[0],
+            "step_seconds": _mean_std([r.get("step_seconds") for r in rs])[0],
+            "torch_threads": sorted({r.get("torch_threads") for r in rs if r.get("torch_threads")}),
             "images_per_second": _mean_std([r["images_per_second"] for r in rs])[0],
             "train_minutes": _mean_std([r["train_seconds"] / 60 for r in rs])[0],
             "peak_rss_mb": max(r["peak_rss_mb"] for r in rs),
@@ -229,7 +242,7 @@ def markdown_table(results: dict) -> str:
     if not rows:
         return f"# {results['protocol']}\n\nNo finished cells.\n"
     classes = list(rows[0]["per_class_iou_mean"])
-    head = ["method", "labeled", "seeds", "test mIoU (%)"] + classes + ["s/iter", "img/s", "train min", "peak MB"]
+    head = ["method", "labeled", "seeds", "test mIoU (%)"] + classes + ["s/step", "img/s", "threads", "train min", "peak MB"]
     lines = [f"# {results['protocol']}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def pct(v):
@@ -238,9 +251,12 @@ def markdown_table(results: dict) -> str:
     for r in rows:
         cells_ = [r["method"], r["fraction"], ",".join(map(str, r["seeds"])), f"{pct(r['test_miou_mean'])} ± {pct(r['test_miou_std'])}"]
         cells_ += [pct(r["per_class_iou_mean"][c]) for c in classes]
-        cells_ += [f"{r['seconds_per_iteration']:.2f}", f"{r['images_per_second']:.1f}", f"{r['train_minutes']:.1f}", f"{r['peak_rss_mb']:.0f}"]
+        cells_ += [f"{r['step_seconds']:.2f}", f"{r['images_per_second']:.1f}", ",".join(map(str, r.get("torch_threads", []))), f"{r['train_minutes']:.1f}", f"{r['peak_rss_mb']:.0f}"]
         lines.append("| " + " | ".join(cells_) + " |")
-    lines += ["", f"Commits: {', '.join(c[:10] for c in results['commits'])}. Machines: {'; '.join(results['machines'])}.", ""]
+    lines += [
+        "", "s/step: seconds per training step (median over logging intervals, so validation is left out); "
+        "img/s: labeled + unlabeled images per second of training steps (timings depend on the threads and on what else ran; see the cells' JSON); train min: wall time including validation.",
+        "", f"Commits: {', '.join(c[:10] for c in results['commits'])}. Machines: {'; '.join(results['machines'])}.", ""]
     pseudo = [r for r in rows if r.get("pseudo_labels")]
     if pseudo:
         keys = sorted({k for r in pseudo for k in r["pseudo_labels"]}, key=lambda k: (not k.startswith("acc_"), k))
