@@ -71,9 +71,10 @@ def rescale_crop(sample: dict, rng: np.random.Generator, size: int, scale=(0.5, 
     """``crop(rescale(sample))`` with the same random draws and the same pixels, but when the
     image is enlarged only the ``size`` x ``size`` window that the crop keeps is interpolated
     (PyTorch's bilinear / nearest source coordinates, computed for those rows and columns).
-    Enlarging a whole 3-megapixel aerial tile twofold to keep 256 x 256 of it cost ~1 s per
-    sample on a 2-core CPU; the window costs milliseconds. Shrinking (antialiased) still resizes
-    the whole image, which is cheap because the output is small."""
+    Enlarging a whole 1.2-megapixel dubai-aerial tile twofold to keep 256 x 256 of it took 0.26 s
+    on one core; the window took 0.013 s (the cost grows with the image, so more on larger ones).
+    Shrinking (antialiased) still resizes the whole image, which is cheap because the output is
+    small."""
     sample = dict(sample)
     sample.setdefault("valid", torch.ones(sample["image"].shape[-2:], dtype=torch.bool))
     _, h, w = sample["image"].shape
