@@ -327,16 +327,12 @@ def plot_pseudo_labels(out: Path, rows: list[dict], plt) -> None:
     for ax in axes.flat[len(methods):]:
         ax.set_visible(False)
     for ax, m in zip(axes.flat, methods):
-        keys = sorted({k for r in rows if r["method"] == m for k in r.get("pseudo_accuracy_history", {})})
-        colors = {}
-        for k in keys:
-            base = k.removeprefix("acc_").removesuffix("_ratio")
-            colors.setdefault(base, f"C{len(colors)}")
+        colors: dict[str, str] = {}  # one colour per rule: acc_X and X_ratio share it
         for r in (r for r in rows if r["method"] == m):
             for k, h in sorted(r.get("pseudo_accuracy_history", {}).items()):
-                base = k.removeprefix("acc_").removesuffix("_ratio")
+                color = colors.setdefault(k.removeprefix("acc_").removesuffix("_ratio"), f"C{len(colors)}")
                 ax.plot([x for x, _ in h], _smooth([100 * y for _, y in h]), "-" if k.startswith("acc_") else "--",
-                        color=colors[base], alpha=0.8, label=f"{k} (s{r['seed']})")
+                        color=color, alpha=0.8, label=f"{k} (s{r['seed']})")
         ax.set_title(m, fontsize=9)
         ax.set_xlabel("iteration")
         ax.set_ylim(0, 100)
