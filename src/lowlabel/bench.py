@@ -64,7 +64,7 @@ def cells(proto: dict) -> list[dict]:
                 raw = merge_raw(proto["config"], over)
                 raw["data"] = {**raw["data"], "labeled": str(frac), "split_seed": seed}
                 raw["train"] = {**raw.get("train", {}), "seed": seed}
-                fr = str(frac).replace("/", "-")
+                fr = Path(str(frac)).stem if str(frac).endswith(".txt") else str(frac).replace("/", "-")
                 name = f"{mname}__{fr}__s{seed}"
                 raw["name"] = name
                 out.append({"cell": name, "method": mname, "fraction": str(frac), "seed": seed, "raw": raw})
@@ -121,7 +121,7 @@ def _run_cell(cell: dict, out_dir: str, split: str, queue) -> None:
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         for rec in records:
             if "val" in rec:
-                hist.append([rec["iteration"], rec["val"]["miou"]])
+                hist.append([rec["iteration"], rec["val"]["miou"], rec["val"].get("dice_mean")])
             for k, v in rec.items():
                 if is_pseudo_key(k):
                     pseudo_acc.setdefault(k, []).append([rec["iteration"], v])
@@ -135,7 +135,10 @@ def _run_cell(cell: dict, out_dir: str, split: str, queue) -> None:
             **{k: cell[k] for k in ("cell", "method", "fraction", "seed")},
             "method_name": cfg.method.name,
             "test_miou": test["miou"], "test_per_class_iou": test["per_class_iou"], "test_pixel_accuracy": test["pixel_accuracy"],
-            "best_val_miou": summary["best_val_miou"], "best_iteration": summary["best_iteration"],
+            "dice_mean": test.get("dice_mean"), "dice_by": test.get("dice_by"), "test_per_class_dice": test.get("per_class_dice"),
+            "dice_mean_pooled": test.get("dice_mean_pooled"),
+            "best_val_miou": summary["best_val_miou"], "best_val_dice_mean": summary.get("best_val_dice_mean"),
+            "select": summary.get("select", "miou"), "best_iteration": summary["best_iteration"],
             "iterations": summary["iterations"], "train_seconds": round(train_seconds, 1),
             "seconds_per_iteration": spi, "step_seconds": step, "images_per_iteration": imgs_per_iter,
             "images_per_second": round(imgs_per_iter / step, 3) if step else None,
@@ -199,10 +202,18 @@ def aggregate(out: str | Path, proto: dict | None = None) -> dict:
         mi, sd = _mean_std([r["test_miou"] for r in rs])
         classes = list(rs[0]["test_per_class_iou"])
         per_class = {c: _mean_std([r["test_per_class_iou"][c] for r in rs])[0] for c in classes}
+        by_seed = sorted(rs, key=lambda r: r["seed"])
+        dice = {}
+        if all(r.get("dice_mean") is not None for r in rs):
+            dm, ds = _mean_std([r["dice_mean"] for r in rs])
+            dice = {
+                "dice_mean": dm, "dice_std": ds, "dice_per_seed": [r["dice_mean"] for r in by_seed], "dice_by": rs[0].get("dice_by"),
+                "per_class_dice_mean": {c: _mean_std([(r.get("test_per_class_dice") or {}).get(c) for r in rs])[0] for c in classes},
+            }
         table.append({
             "method": m, "fraction": f, "seeds": sorted(r["seed"] for r in rs), "test_miou_mean": mi, "test_miou_std": sd,
-            "test_miou_per_seed": [r["test_miou"] for r in sorted(rs, key=lambda r: r["seed"])],
-            "per_class_iou_mean": per_class,
+            "test_miou_per_seed": [r["test_miou"] for r in by_seed],
+            "per_class_iou_mean": per_class, **dice,
             "seconds_per_iteration": _mean_std([r["seconds_per_iteration"] for r in rs])[0],
             "step_seconds": _mean_std([r.get("step_seconds") for r in rs])[0],
             "torch_threads": sorted({r.get("torch_threads") for r in rs if r.get("torch_threads")}),
@@ -242,18 +253,24 @@ def markdown_table(results: dict) -> str:
     if not rows:
         return f"# {results['protocol']}\n\nNo finished cells.\n"
     classes = list(rows[0]["per_class_iou_mean"])
-    head = ["method", "labeled", "seeds", "test mIoU (%)"] + classes + ["s/step", "img/s", "threads", "train min", "peak MB"]
+    with_dice = all("dice_mean" in r for r in rows)
+    head = ["method", "labeled", "seeds"] + (["test Dice (%)", "Dice per seed"] if with_dice else []) + ["test mIoU (%)"]
+    head += [f"{c} {'Dice' if with_dice else 'IoU'}" for c in classes] + ["s/step", "img/s", "threads", "train min", "peak MB"]
     lines = [f"# {results['protocol']}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def pct(v):
         return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
 
     for r in rows:
-        cells_ = [r["method"], r["fraction"], ",".join(map(str, r["seeds"])), f"{pct(r['test_miou_mean'])} ± {pct(r['test_miou_std'])}"]
-        cells_ += [pct(r["per_class_iou_mean"][c]) for c in classes]
+        cells_ = [r["method"], r["fraction"], ",".join(map(str, r["seeds"]))]
+        if with_dice:
+            cells_ += [f"{pct(r['dice_mean'])} ± {pct(r['dice_std'])}", ", ".join(pct(v) for v in r["dice_per_seed"])]
+        cells_ += [f"{pct(r['test_miou_mean'])} ± {pct(r['test_miou_std'])}"]
+        cells_ += [pct((r["per_class_dice_mean"] if with_dice else r["per_class_iou_mean"])[c]) for c in classes]
         cells_ += [f"{r['step_seconds']:.2f}", f"{r['images_per_second']:.1f}", ",".join(map(str, r.get("torch_threads", []))), f"{r['train_minutes']:.1f}", f"{r['peak_rss_mb']:.0f}"]
         lines.append("| " + " | ".join(cells_) + " |")
     lines += [
+        *(["", f"Dice: mean foreground Dice, {'per volume (slices of one volume stacked), averaged over volumes' if rows[0].get('dice_by') == 'volume' else 'pooled over the split'}; per-class columns are Dice."] if with_dice else []),
         "", "s/step: seconds per training step (median over logging intervals, so validation is left out); "
         "img/s: labeled + unlabeled images per second of training steps (timings depend on the threads and on what else ran; see the cells' JSON); train min: wall time including validation.",
         "", f"Commits: {', '.join(c[:10] for c in results['commits'])}. Machines: {'; '.join(results['machines'])}.", ""]
@@ -293,17 +310,20 @@ def plot_results(out: Path, table: list[dict], rows: list[dict]) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     methods = []
+    dice = all(len(p) > 2 and p[2] is not None for r in rows for p in r["val_history"])
     for r in sorted(rows, key=lambda r: (r["method"], r["fraction"], r["seed"])):
         key = (r["method"], r["fraction"])
         color = f"C{[t['method'] + t['fraction'] for t in table].index(r['method'] + r['fraction'])}"
-        h = r["val_history"]
-        ax.plot([x for x, _ in h], [100 * (y or 0) for _, y in h], "-", color=color, alpha=0.8, label=None if key in methods else f"{r['method']} {r['fraction']}")
+        h = r["val_history"]  # [iteration, mIoU] or [iteration, mIoU, mean foreground Dice]
+        ys = [p[2] if dice else p[1] for p in h]
+        ax.plot([p[0] for p in h], [100 * (y or 0) for y in ys], "-", color=color, alpha=0.8, label=None if key in methods else f"{r['method']} {r['fraction']}")
         methods.append(key)
+    metric = "mean foreground Dice" if dice else "mIoU"
     ax.set_xlabel("iteration")
-    ax.set_ylabel("validation mIoU (%)")
+    ax.set_ylabel(f"validation {metric} (%)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    ax.set_title("validation mIoU during training (one line per seed)")
+    ax.set_title(f"validation {metric} during training (one line per seed)")
     fig.tight_layout()
     fig.savefig(out / "val_curves.png", dpi=110)
     plt.close(fig)

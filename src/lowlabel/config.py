@@ -33,6 +33,8 @@ class DataConfig(_Strict):
     crop: int = 256
     scale: tuple[float, float] = (0.5, 2.0)  # UniMatch: random rescale ratio range
     base_size: int | None = Field(None, description="long side before rescale; None keeps the image size")
+    resize: bool = Field(False, description="resize each image whole to crop x crop instead of rescale + crop (UniMatch's medical recipe)")
+    rotate: Literal["none", "medical"] = Field("none", description="'medical': random rot90 + flip or a rotation of up to 20 degrees (UniMatch's ACDC recipe), instead of the horizontal flip")
     unlabeled_gt: bool = Field(False, description="load unlabeled images' masks to log pseudo-label accuracy (never used in losses)")
     labeled_batch: int = 4
     unlabeled_batch: int = 4
@@ -50,7 +52,8 @@ class ModelConfig(_Strict):
     arch: str = "deeplabv3plus"
     encoder: str = "resnet18"
     pretrained: str | None = Field(None, description="local weights file (never downloaded)")
-    width: int = 16  # only for arch 'tiny'
+    width: int = 16  # only for the own archs: 'tiny' and 'unet2d' (first level's channels)
+    in_channels: Literal[1, 3] = Field(3, description="3: RGB; 1: grey data (the network sees the mean of the channels)")
 
 
 class MethodConfig(_Strict):
@@ -61,6 +64,7 @@ class MethodConfig(_Strict):
 class TeacherConfig(_Strict):
     kind: Literal["none", "ema", "self", "epoch_momentum"] = "none"
     decay: float = 0.999  # EMA decay (Mean Teacher / FixMatch-style teachers)
+    bn_batches: int = Field(10, ge=1, description="training batches that recompute an averaged network's BatchNorm statistics")
 
 
 class OptimConfig(_Strict):
@@ -86,6 +90,8 @@ class TrainConfig(_Strict):
     amp: bool | Literal["auto"] = "auto"  # on for CUDA, off on CPU
     seed: int = 0
     deterministic: bool = False
+    select: Literal["miou", "dice_mean"] = Field("miou", description="validation metric that picks the best checkpoint")
+    grad_norm_every: int = Field(0, ge=0, description="every N steps, log the encoder gradient norm of each weighted loss term (0: off)")
 
     @model_validator(mode="after")
     def _budget(self):
@@ -100,6 +106,7 @@ class EvalConfig(_Strict):
     weighting: Literal["gaussian", "uniform"] = "gaussian"
     batch_size: int = 4
     max_images: int | None = None
+    resize: int | None = Field(None, description="predict on each image resized whole to this size, scores resized back (set it to data.crop when data.resize is on)")
 
 
 class Config(_Strict):
@@ -112,6 +119,13 @@ class Config(_Strict):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _eval_like_training(self):
+        """A model trained on whole resized images is evaluated on whole resized images."""
+        if self.data.resize and self.eval.resize is None:
+            self.eval.resize = self.data.crop
+        return self
 
 
 def merge_raw(base: dict, over: dict) -> dict:

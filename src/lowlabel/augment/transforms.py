@@ -129,10 +129,51 @@ def hflip(sample: dict, rng: np.random.Generator, p: float = 0.5) -> dict:
     return out
 
 
-def weak(sample: dict, rng: np.random.Generator, size: int, scale=(0.5, 2.0), base_size: int | None = None) -> dict:
-    """UniMatch's weak view: random rescale, random crop with ignore padding, horizontal flip."""
-    sample = rescale_crop(sample, rng, size, scale, base_size)
-    sample = hflip(sample, rng)
+def resize_whole(sample: dict, size: int) -> dict:
+    """The whole image resized to ``size`` x ``size`` (no crop: UniMatch's medical recipe, which
+    zooms every ACDC slice to 256 x 256). Labels nearest; the image bilinear, antialiased when
+    shrinking (the reference zooms the image with order 0 too; bilinear is the stated deviation)."""
+    sample = dict(sample)
+    sample.setdefault("valid", torch.ones(sample["image"].shape[-2:], dtype=torch.bool))
+    _, h, w = sample["image"].shape
+    return _resize(sample, size, size, min(size / h, size / w))
+
+
+def rotate_medical(sample: dict, rng: np.random.Generator, max_angle: float = 20.0) -> dict:
+    """UniMatch's medical augmentation: with p = 0.5 a random rot90 (k in 0..3) and a flip along
+    a random axis; otherwise, with p = 0.5, a rotation by a random angle in [-max_angle,
+    max_angle] degrees about the centre (image bilinear, filled with 0; labels nearest, filled
+    with their ignore value and ``valid`` False, where the reference fills masks with
+    background)."""
+    sample = dict(sample)
+    sample.setdefault("valid", torch.ones(sample["image"].shape[-2:], dtype=torch.bool))
+    keys = ["image"] + _labels(sample)
+    if rng.random() > 0.5:
+        k, axis = int(rng.integers(0, 4)), int(rng.integers(0, 2))
+        for key in keys:
+            sample[key] = sample[key].rot90(k, dims=(-2, -1)).flip(-2 + axis)
+    elif rng.random() > 0.5:
+        angle = float(rng.uniform(-max_angle, max_angle))
+        sample["image"] = TF.rotate(sample["image"], angle, interpolation=TF.InterpolationMode.BILINEAR, fill=0.0)
+        for key in _labels(sample):
+            lab = sample[key][None]
+            rot = TF.rotate(lab.to(torch.uint8 if key != "instances" else torch.int32), angle, interpolation=TF.InterpolationMode.NEAREST, fill=LABEL_KEYS[key])
+            sample[key] = rot[0].to(sample[key].dtype)
+    return sample
+
+
+def weak(sample: dict, rng: np.random.Generator, size: int, scale=(0.5, 2.0), base_size: int | None = None, *, resize: bool = False, rotate: str = "none") -> dict:
+    """UniMatch's weak view: random rescale, random crop with ignore padding, horizontal flip.
+    With ``resize`` the whole image is resized to ``size`` instead of rescaled and cropped; with
+    ``rotate="medical"`` :func:`rotate_medical` comes first and replaces the horizontal flip
+    (its flips cover it) — UniMatch's recipe for ACDC."""
+    if rotate == "medical":
+        sample = rotate_medical(sample, rng)
+    elif rotate != "none":
+        raise ValueError(f"unknown rotation {rotate!r}; choose 'none' or 'medical'")
+    sample = resize_whole(sample, size) if resize else rescale_crop(sample, rng, size, scale, base_size)
+    if rotate == "none":
+        sample = hflip(sample, rng)
     return {k: (v.contiguous() if isinstance(v, torch.Tensor) else v) for k, v in sample.items()}
 
 
@@ -191,9 +232,11 @@ class LabeledTransform:
     size: int
     scale: tuple[float, float] = (0.5, 2.0)
     base_size: int | None = None
+    resize: bool = False
+    rotate: str = "none"
 
     def __call__(self, sample: dict, rng: np.random.Generator) -> dict:
-        return weak(sample, rng, self.size, self.scale, self.base_size)
+        return weak(sample, rng, self.size, self.scale, self.base_size, resize=self.resize, rotate=self.rotate)
 
 
 @dataclass
@@ -207,9 +250,11 @@ class UnlabeledTransform:
     base_size: int | None = None
     n_strong: int = 2
     cutmix_p: float = 0.5
+    resize: bool = False
+    rotate: str = "none"
 
     def __call__(self, sample: dict, rng: np.random.Generator) -> dict:
-        s = weak(sample, rng, self.size, self.scale, self.base_size)
+        s = weak(sample, rng, self.size, self.scale, self.base_size, resize=self.resize, rotate=self.rotate)
         if self.n_strong:
             s["strong"] = torch.stack([strong(s["image"], rng) for _ in range(self.n_strong)])
             s["cutmix"] = torch.stack([cutmix_box(self.size, self.size, rng, self.cutmix_p) for _ in range(self.n_strong)])

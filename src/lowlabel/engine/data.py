@@ -46,14 +46,14 @@ def resolve_split(cfg: DataConfig) -> tuple[list[str], list[str]]:
 
 def build_sets(cfg: DataConfig, n_strong: int, seed: int, need_unlabeled: bool):
     labeled_ids, unlabeled_ids = resolve_split(cfg)
-    lab = FolderDataset(cfg.root, labeled_ids, labeled=True, weak=cfg.weak, transform=LabeledTransform(cfg.crop, tuple(cfg.scale), cfg.base_size), seed=seed)
+    lab = FolderDataset(cfg.root, labeled_ids, labeled=True, weak=cfg.weak, transform=LabeledTransform(cfg.crop, tuple(cfg.scale), cfg.base_size, cfg.resize, cfg.rotate), seed=seed)
     unl = None
     if need_unlabeled:
         if not unlabeled_ids:
             raise DatasetError(cfg.root, "this method trains on unlabeled images, but the labeled part is the whole train split; lower data.labeled")
         unl = FolderDataset(
             cfg.root, unlabeled_ids, labeled=False, info=lab.info,
-            transform=UnlabeledTransform(cfg.crop, tuple(cfg.scale), cfg.base_size, n_strong=n_strong), seed=seed + 1,
+            transform=UnlabeledTransform(cfg.crop, tuple(cfg.scale), cfg.base_size, n_strong=n_strong, resize=cfg.resize, rotate=cfg.rotate), seed=seed + 1,
             diagnostic_gt=cfg.unlabeled_gt,
         )
     return lab, unl

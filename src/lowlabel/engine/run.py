@@ -10,7 +10,7 @@ import torch
 from ..config import Config, EvalConfig
 from ..data.dataset import IMAGE_EXTENSIONS, DatasetError, DatasetInfo, FolderDataset, write_label
 from ..data.tiling import WindowReader, open_reader
-from ..eval.inference import Prediction, sliding_window
+from ..eval.inference import Prediction, for_eval, sliding_window
 from ..models import build_model
 from ..utils import progress_bar, resolve_device
 from .trainer import CHECKPOINT_FORMAT, evaluate_model
@@ -53,7 +53,7 @@ class Run:
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path}: not a lowlabel checkpoint")
         spec = state["model_spec"]
-        model = build_model(spec["arch"], spec["encoder"], spec["num_classes"], width=spec.get("width", 16))
+        model = build_model(spec["arch"], spec["encoder"], spec["num_classes"], width=spec.get("width", 16), in_channels=spec.get("in_channels", 3))
         if "weights" in state:
             weights = state["weights"]
         elif state.get("evaluated") == "teacher" and state.get("teacher"):
@@ -75,12 +75,13 @@ class Run:
             image = open_reader(image)
         e = self.eval_cfg
         return sliding_window(
-            self.model, image, self.num_classes, tile=e.tile, overlap=e.overlap, weighting=e.weighting,
+            for_eval(self.model, e), image, self.num_classes, tile=e.tile, overlap=e.overlap, weighting=e.weighting,
             batch_size=e.batch_size, device=self.device, return_probs=return_probs, progress=progress,
         )
 
     def evaluate(self, data: str | Path | None = None, split: str = "test", progress: bool = False) -> dict:
-        """mIoU, per-class IoU and pixel accuracy on a labeled split of a folder dataset."""
+        """mIoU, per-class IoU, Dice (pooled and per volume) and pixel accuracy on a labeled split
+        of a folder dataset."""
         root = data or self.data_root
         if root is None:
             raise ValueError("give the dataset folder (--data)")
@@ -88,8 +89,8 @@ class Run:
         if info.num_classes != self.num_classes:
             raise DatasetError(root, f"dataset has {info.num_classes} classes, the model {self.num_classes}")
         ds = FolderDataset(root, split, labeled=True, info=info)
-        cm = evaluate_model(self.model, ds, num_classes=self.num_classes, eval_cfg=self.eval_cfg.model_copy(update={"max_images": None}), device=self.device, progress=progress)
-        out = cm.summary(info.classes)
+        scores = evaluate_model(self.model, ds, num_classes=self.num_classes, eval_cfg=self.eval_cfg.model_copy(update={"max_images": None}), device=self.device, progress=progress)
+        out = scores.summary(info.classes)
         out.update({"images": len(ds), "split": split, "dataset": info.name})
         return out
 

@@ -8,7 +8,7 @@ Run directory layout::
       splits/unlabeled.txt
       metrics.jsonl             one JSON line per logged step and per validation
       checkpoints/last.pt       full state for exact resume (written atomically)
-      checkpoints/best.pt       the evaluated model at the best validation mIoU
+      checkpoints/best.pt       the evaluated model at the best validation score (train.select)
       summary.json              final numbers
 
 Distributed training: launched with ``torchrun``, each process trains on its shard of each
@@ -35,8 +35,8 @@ import torch.distributed as dist
 from ..config import Config, dump_config
 from ..data.dataset import DatasetError
 from ..data.validate import require_valid
-from ..eval.inference import sliding_window
-from ..eval.metrics import ConfusionMatrix
+from ..eval.inference import for_eval, sliding_window
+from ..eval.metrics import Scores
 from ..methods import StepContext, build_method, get_method_class
 from ..models import build_model
 from ..utils import atomic_torch_save, atomic_write_json, atomic_write_text, console, progress_bar, resolve_device
@@ -48,7 +48,7 @@ CHECKPOINT_FORMAT = "lowlabel-checkpoint-1"
 
 
 def model_spec(cfg: Config, num_classes: int) -> dict:
-    return {"arch": cfg.model.arch, "encoder": cfg.model.encoder, "width": cfg.model.width, "num_classes": num_classes}
+    return {"arch": cfg.model.arch, "encoder": cfg.model.encoder, "width": cfg.model.width, "in_channels": cfg.model.in_channels, "num_classes": num_classes}
 
 
 def dist_info() -> tuple[int, int]:
@@ -95,29 +95,33 @@ def seed_everything(seed: int) -> None:
 
 
 @torch.no_grad()
-def evaluate_model(model, dataset, *, num_classes: int, eval_cfg, device, progress: bool = False, rank: int = 0, world: int = 1) -> ConfusionMatrix:
-    """Confusion matrix of ``model`` over a labeled FolderDataset, by sliding-window inference.
-    Under DDP each rank scores its share of the images and the matrices are summed."""
+def evaluate_model(model, dataset, *, num_classes: int, eval_cfg, device, progress: bool = False, rank: int = 0, world: int = 1) -> Scores:
+    """Confusion matrices (the split's and, when the ids name volumes, each volume's) of
+    ``model`` over a labeled FolderDataset, by sliding-window inference (on images resized whole
+    when ``eval_cfg.resize`` is set). Under DDP each rank scores its share of the images and the
+    matrices are summed."""
     was = model.training
     model.eval()
-    cm = ConfusionMatrix(num_classes)
+    predictor = for_eval(model, eval_cfg)
+    scores = Scores.for_ids(num_classes, dataset.ids)
     n = len(dataset) if eval_cfg.max_images is None else min(len(dataset), eval_cfg.max_images)
     mine = list(range(rank, n, world))
     with progress_bar("evaluating", len(mine), enabled=progress and rank == 0, transient=True) as adv:
         for i in mine:
             raw = dataset.load(i)
             pred = sliding_window(
-                model, raw["image"], num_classes, tile=eval_cfg.tile, overlap=eval_cfg.overlap,
+                predictor, raw["image"], num_classes, tile=eval_cfg.tile, overlap=eval_cfg.overlap,
                 weighting=eval_cfg.weighting, batch_size=eval_cfg.batch_size, device=device,
             )
-            cm.update(pred.labels, raw["mask"])
+            scores.update(pred.labels, raw["mask"], raw["id"])
             adv()
     if world > 1:
-        m = cm.matrix.to(device)
-        dist.all_reduce(m)
-        cm.matrix = m.cpu()
+        for t in scores.tensors():
+            m = t.to(device)
+            dist.all_reduce(m)
+            t.copy_(m.cpu())
     model.train(was)
-    return cm
+    return scores
 
 
 class Trainer:
@@ -160,7 +164,7 @@ class Trainer:
         self.total = cfg.train.iterations or cfg.train.epochs * self.iters_per_epoch
         self.total_epochs = math.ceil(self.total / self.iters_per_epoch)
 
-        self.student = build_model(cfg.model.arch, cfg.model.encoder, self.num_classes, cfg.model.pretrained, cfg.model.width).to(self.device)
+        self.student = build_model(cfg.model.arch, cfg.model.encoder, self.num_classes, cfg.model.pretrained, cfg.model.width, cfg.model.in_channels).to(self.device)
         self.method = build_method(cfg.method.name, cfg.method.params, num_classes=self.num_classes, model=self.student).to(self.device)
         kind = cfg.teacher.kind
         self.teacher = Teacher(kind, self.student, cfg.teacher.decay)
@@ -178,7 +182,8 @@ class Trainer:
 
             self.val_set = FolderDataset(cfg.data.root, cfg.data.val_split, labeled=True, info=self.info)
         self.iteration = 0
-        self.best = {"miou": -1.0, "iteration": None}
+        self.best = {"value": -1.0, "iteration": None, "metrics": None}
+        self._evaluated = None  # (iteration, network) of the last evaluation_model()
         if resume:
             self._load(self.ckpt_dir / "last.pt")
         elif self.is_main:
@@ -206,8 +211,28 @@ class Trainer:
     def _dataset_meta(self) -> dict:
         return {"name": self.info.name, "root": str(self.cfg.data.root), "classes": list(self.info.classes), "palette": [list(c) for c in self.info.palette]}
 
+    def bn_batches(self) -> list[torch.Tensor]:
+        """``teacher.bn_batches`` training image batches (labeled + weak unlabeled views) from
+        this iteration on, for recomputing an averaged network's BatchNorm statistics. Streams
+        are pure functions of the batch index, so this draws nothing from the training streams
+        and resuming stays exact."""
+        n = self.cfg.teacher.bn_batches
+        lab = self.lab_stream.batches(self.iteration)
+        unl = self.unl_stream.batches(self.iteration) if self.unl_stream else None
+        out = []
+        for _ in range(n):
+            imgs = [next(lab)["image"]] + ([next(unl)["image"]] if unl is not None else [])
+            out.append(torch.cat(imgs).to(self.device))
+        return out
+
     def eval_model(self):
-        return self.teacher.model if self.teacher.evaluates else self.student
+        """The network evaluated and saved as the run's model (cached for this iteration)."""
+        if not self.teacher.evaluates:
+            return self.student
+        if self._evaluated is None or self._evaluated[0] != self.iteration:
+            bn = self.bn_batches() if self.teacher.kind == "ema" else None
+            self._evaluated = (self.iteration, self.teacher.evaluation_model(bn))
+        return self._evaluated[1]
 
     def _save(self, name: str) -> None:
         if not self.is_main:
@@ -251,6 +276,8 @@ class Trainer:
         set_rng_state(state["rng"])
         self.iteration = int(state["iteration"])
         self.best = state["best"]
+        if "miou" in self.best:  # checkpoints of lowlabel < 0.2 selected on mIoU
+            self.best = {"value": self.best["miou"], "iteration": self.best["iteration"], "metrics": None}
         if self.is_main:  # drop history written after the checkpoint
             log = self.run_dir / "metrics.jsonl"
             lines = log.read_text().splitlines() if log.exists() else []
@@ -285,8 +312,20 @@ class Trainer:
     def validate(self) -> dict | None:
         if self.val_set is None:
             return None
-        cm = evaluate_model(self.eval_model(), self.val_set, num_classes=self.num_classes, eval_cfg=self.cfg.eval, device=self.device, rank=self.rank, world=self.world)
-        return cm.summary(self.info.classes)
+        scores = evaluate_model(self.eval_model(), self.val_set, num_classes=self.num_classes, eval_cfg=self.cfg.eval, device=self.device, rank=self.rank, world=self.world)
+        return scores.summary(self.info.classes)
+
+    def grad_norms(self, terms: dict[str, torch.Tensor]) -> dict[str, float]:
+        """The L2 norm of each weighted loss term's gradient on the encoder's parameters
+        (``gn_<term>``): which term drives the shared features, e.g. when a run collapses."""
+        params = [p for p in self.student.encoder.parameters() if p.requires_grad]
+        out = {}
+        for name, t in terms.items():
+            if not t.requires_grad:
+                continue
+            grads = torch.autograd.grad(t, params, retain_graph=True, allow_unused=True)
+            out[f"gn_{name}"] = float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None) + 0.0))
+        return out
 
     def step(self, lab: dict, unl: dict | None) -> dict:
         cfg = self.cfg
@@ -302,6 +341,8 @@ class Trainer:
                 f"loss is {loss.item()} at iteration {self.iteration} ({ {k: float(v) for k, v in out.losses.items()} }); "
                 "lower optim.lr or check the labels"
             )
+        every = cfg.train.grad_norm_every
+        norms = self.grad_norms(out.terms) if every and (self.iteration + 1) % every == 0 and out.terms else {}  # logged with step iteration + 1
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self._all_reduce_grads()
@@ -313,6 +354,7 @@ class Trainer:
         self.teacher.after_step(self.student)
         rec = {k: float(v.detach()) for k, v in out.losses.items()}
         rec.update(out.metrics)
+        rec.update(norms)
         rec["lr"] = lr
         return rec
 
@@ -344,20 +386,26 @@ class Trainer:
                 self.iteration += 1
                 for k, v in rec.items():
                     running[k] = v if k not in running else 0.9 * running[k] + 0.1 * v
-                if self.iteration % self.iters_per_epoch == 0:
-                    self.teacher.after_epoch(self.student)
+                epoch_end = self.iteration % self.iters_per_epoch == 0
+                if epoch_end or self.iteration == self.total:  # a last, partial epoch is averaged too
+                    bn = self.bn_batches() if self.teacher.kind == "epoch_momentum" else None
+                    self.teacher.after_epoch(self.student, bn)
+                if epoch_end:
                     self.method.on_epoch_end(self.iteration // self.iters_per_epoch - 1, self._ctx())
                 if self.iteration % cfg.train.log_every == 0 or self.iteration == self.total:
                     self._log({"iteration": self.iteration, "time": round(time.time() - t0, 3), **{k: round(v, 6) for k, v in rec.items()}})
                 info = f"loss {running['loss']:.3f} lr {rec['lr']:.2e}" + (f" val mIoU {100 * last_val:.1f}" if last_val is not None else "")
+                if cfg.train.select != "miou" and self.best["metrics"]:
+                    info += f" best val {cfg.train.select} {100 * self.best['value']:.1f}"
                 adv(1, info=info)
                 if cfg.train.val_every and (self.iteration % cfg.train.val_every == 0 or self.iteration == self.total):
                     metrics = self.validate()
                     if metrics is not None:
                         last_val = metrics["miou"] or 0.0
+                        score = metrics.get(cfg.train.select) or 0.0
                         self._log({"iteration": self.iteration, "val": metrics})
-                        if last_val > self.best["miou"]:
-                            self.best = {"miou": last_val, "iteration": self.iteration}
+                        if score > self.best["value"]:
+                            self.best = {"value": score, "iteration": self.iteration, "metrics": metrics}
                             self._save_best(metrics)
                 if self.iteration % cfg.train.checkpoint_every == 0 or self.iteration in (self.total, end):
                     self._save("last.pt")
@@ -367,7 +415,10 @@ class Trainer:
         summary = {
             "iterations": self.total, "trained_iterations": self.iteration - start_iter, "seconds": round(elapsed, 2),
             "seconds_per_iteration": round(elapsed / max(1, self.iteration - start_iter), 4),
-            "best_val_miou": self.best["miou"] if self.best["miou"] >= 0 else None, "best_iteration": self.best["iteration"],
+            "select": cfg.train.select, "best_val": self.best["value"] if self.best["value"] >= 0 else None,
+            "best_val_miou": (self.best["metrics"] or {}).get("miou", self.best["value"] if cfg.train.select == "miou" and self.best["value"] >= 0 else None),
+            "best_val_dice_mean": (self.best["metrics"] or {}).get("dice_mean"),
+            "best_iteration": self.best["iteration"],
             "last_val_miou": last_val, "device": str(self.device), "world_size": self.world,
         }
         if self.is_main:

@@ -25,6 +25,28 @@ class Prediction:
     probs: torch.Tensor | None = None  # float32 [C, H, W] when return_probs=True
 
 
+class Resized(torch.nn.Module):
+    """``model`` applied to images resized whole to ``size`` x ``size`` (bilinear), its logits
+    resized back to the input's size (bilinear): prediction for a model trained on whole
+    resized images (``data.resize``), as UniMatch's medical evaluation zooms each slice to the
+    training size and back."""
+
+    def __init__(self, model: Callable[[torch.Tensor], torch.Tensor], size: int):
+        super().__init__()
+        self.model, self.size = model, int(size)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        h, w = images.shape[-2:]
+        x = torch.nn.functional.interpolate(images, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
+        return torch.nn.functional.interpolate(self.model(x), size=(h, w), mode="bilinear", align_corners=False)
+
+
+def for_eval(model, eval_cfg):
+    """The callable that evaluation and prediction tile over: ``model`` itself, or
+    :class:`Resized` when ``eval_cfg.resize`` is set."""
+    return Resized(model, eval_cfg.resize) if getattr(eval_cfg, "resize", None) else model
+
+
 @torch.no_grad()
 def sliding_window(
     model: Callable[[torch.Tensor], torch.Tensor],

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,15 @@ from ..data.dataset import IGNORE_INDEX
 
 class MethodParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class LossParams(MethodParams):
+    """The loss choice of the baselines (a recipe option, not a paper's). Defaults: cross-entropy,
+    as in UniMatch's natural-image code; UniMatch's medical code (ACDC) uses ``ce_dice`` on
+    labeled pixels and ``dice`` on pseudo-labels."""
+
+    labeled_loss: Literal["ce", "ce_dice"] = "ce"  # ce_dice: (CE + Dice) / 2
+    unlabeled_loss: Literal["ce", "dice"] = "ce"  # dice: Dice on softmax, low-confidence pixels ignored
 
 
 @dataclass
@@ -53,6 +62,9 @@ class StepContext:
 class StepOutput:
     losses: dict[str, torch.Tensor]  # must hold "loss", the total to back-propagate
     metrics: dict[str, float] = field(default_factory=dict)
+    # the weighted terms (with their graphs) whose sum is "loss": the engine logs the gradient
+    # norm of each on the encoder when ``train.grad_norm_every`` asks for it
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class Method(nn.Module, abc.ABC):
@@ -77,19 +89,45 @@ class Method(nn.Module, abc.ABC):
         """Called by the engine after each epoch (after the teacher's epoch update)."""
 
 
-def supervised_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy over labeled pixels (``IGNORE_INDEX`` skipped); 0 when none is labeled."""
+def dice_loss(logits: torch.Tensor, target: torch.Tensor, keep: torch.Tensor, smooth: float = 1e-5) -> torch.Tensor:
+    """Soft Dice loss of the medical semi-supervised benchmarks (SSL4MIS / UniMatch medical):
+    for each class c, ``1 - (2 sum p_c y_c + s) / (sum p_c^2 + sum y_c^2 + s)`` over the kept
+    pixels of the whole batch, with p the softmax and y the one-hot target; the mean over all
+    classes (background included). ``keep`` bool [B, H, W] selects the pixels (labeled ones, or
+    confident pseudo-labels)."""
+    probs = logits.float().softmax(1)
+    onehot = F.one_hot(target.clamp(0, logits.shape[1] - 1), logits.shape[1]).permute(0, 3, 1, 2).float()
+    k = keep.unsqueeze(1).float()
+    inter = (probs * onehot * k).sum((0, 2, 3))
+    denom = (probs.square() * k).sum((0, 2, 3)) + (onehot * k).sum((0, 2, 3))
+    return (1 - (2 * inter + smooth) / (denom + smooth)).mean()
+
+
+def supervised_loss(logits: torch.Tensor, mask: torch.Tensor, kind: str = "ce") -> torch.Tensor:
+    """Loss over labeled pixels (``IGNORE_INDEX`` skipped); 0 when none is labeled. ``kind``:
+    ``ce`` (cross-entropy) or ``ce_dice`` ((CE + Dice) / 2, UniMatch's medical code)."""
     if not (mask != IGNORE_INDEX).any():
         return logits.sum() * 0.0
-    return F.cross_entropy(logits, mask, ignore_index=IGNORE_INDEX)
+    ce = F.cross_entropy(logits, mask, ignore_index=IGNORE_INDEX)
+    if kind == "ce":
+        return ce
+    if kind == "ce_dice":
+        return (ce + dice_loss(logits, mask, mask != IGNORE_INDEX)) / 2
+    raise ValueError(f"unknown labeled loss {kind!r}; choose 'ce' or 'ce_dice'")
 
 
-def masked_pseudo_loss(logits: torch.Tensor, pseudo: torch.Tensor, conf: torch.Tensor, valid: torch.Tensor, threshold: float) -> torch.Tensor:
-    """UniMatch's unlabeled loss: per-pixel CE against hard pseudo-labels, kept where the
-    confidence reaches ``threshold`` and the pixel is valid (not padding), *divided by the number
-    of valid pixels* (not of kept ones), so that few confident pixels give a small loss."""
-    ce = F.cross_entropy(logits, pseudo.clamp_max(logits.shape[1] - 1), reduction="none")
+def masked_pseudo_loss(logits: torch.Tensor, pseudo: torch.Tensor, conf: torch.Tensor, valid: torch.Tensor, threshold: float, kind: str = "ce") -> torch.Tensor:
+    """UniMatch's unlabeled loss against hard pseudo-labels, kept where the confidence reaches
+    ``threshold`` and the pixel is valid (not padding). ``ce``: per-pixel CE *divided by the
+    number of valid pixels* (not of kept ones), so that few confident pixels give a small loss
+    (the natural-image code); ``dice``: :func:`dice_loss` over the kept pixels (the medical
+    code's ``ignore=(conf < thresh)``)."""
     keep = (conf >= threshold) & valid
+    if kind == "dice":
+        return dice_loss(logits, pseudo, keep)
+    if kind != "ce":
+        raise ValueError(f"unknown unlabeled loss {kind!r}; choose 'ce' or 'dice'")
+    ce = F.cross_entropy(logits, pseudo.clamp_max(logits.shape[1] - 1), reduction="none")
     return (ce * keep).sum() / valid.sum().clamp_min(1)
 
 

@@ -72,6 +72,7 @@ class DerPropParams(MethodParams):
     der_loss: bool = True  # Table 1 "w/o L_Der" when False
     proj_dim: int = 256
     max_feature_pixels: int = 4096
+    labeled_loss: Literal["ce", "ce_dice"] = "ce"  # recipe option shared with the baselines (ACDC: ce_dice); the unlabeled terms stay the paper's
 
 
 # ----------------------------------------------------------------------------- pure pieces
@@ -224,14 +225,14 @@ class DerProp(Method):
         keep = ((conf_m >= p.threshold) & valid_m).float()
         denom = valid_m.sum().clamp_min(1)
 
-        ce_l = supervised_loss(pred_x, labeled["mask"])
+        ce_l = supervised_loss(pred_x, labeled["mask"], p.labeled_loss)
         ce_u = (F.cross_entropy(pred_s, pseudo_m, reduction="none") * keep).sum() / denom
         kl = (F.kl_div(pred_s.float().log_softmax(1), target_m, reduction="none").sum(1) * keep).sum() / denom
         zero = ce_l * 0.0
         ce_l_prop, ce_u_prop, l_der = zero, zero, zero
         if use_dlp:
             valid_sf = (small(valid_m) > 0.5).flatten(1)
-            ce_l_prop = supervised_loss(self._rectify(pred_x, v_x, fsize, valid_xf), labeled["mask"])
+            ce_l_prop = supervised_loss(self._rectify(pred_x, v_x, fsize, valid_xf), labeled["mask"], p.labeled_loss)
             ce_u_prop = (F.cross_entropy(self._rectify(pred_s, v_s, fsize, valid_sf), pseudo_m, reduction="none") * keep).sum() / denom
             if p.der_loss:
                 y = F.one_hot(mask_f.clamp_max(self.num_classes - 1), self.num_classes).flatten(1, 2).float()  # [B, M, C]
@@ -246,10 +247,12 @@ class DerProp(Method):
                     targets.append(similarity(d))
                 l_der_u = der_loss(v_s, targets, valid_sf, p.der_order, p.operator, p.eta, p.sparsity)
                 l_der = l_der_l + l_der_u  # eq. 8
-        l_ce = ce_l + ce_l_prop + (ce_u + ce_u_prop) / 2
-        loss = p.lambda_ce * l_ce + p.lambda_kl * kl + p.lambda_der * l_der  # eq. 7
+        terms = {  # eq. 7: lambda_CE (ce_l + ce_l_prop + (ce_u + ce_u_prop) / 2) + lambda_KL kl + lambda_Der l_der
+            "x": p.lambda_ce * (ce_l + ce_l_prop), "u": p.lambda_ce * (ce_u + ce_u_prop) / 2,
+            "kl": p.lambda_kl * kl, "der": p.lambda_der * l_der,
+        }
         losses = {
-            "loss": loss, "loss_x": ce_l.detach(), "loss_x_prop": ce_l_prop.detach(), "loss_u": ce_u.detach(),
+            "loss": sum(terms.values()), "loss_x": ce_l.detach(), "loss_x_prop": ce_l_prop.detach(), "loss_u": ce_u.detach(),
             "loss_u_prop": ce_u_prop.detach(), "loss_kl": kl.detach(), "loss_der": l_der.detach(),
         }
         metrics = {"mask_ratio": float(((conf >= p.threshold) & valid).sum() / valid.sum().clamp_min(1)), "eta_ep": min(ctx.epoch / max(ctx.total_epochs, 1), 1.0)}
@@ -263,4 +266,4 @@ class DerProp(Method):
             a = accuracy_of(pseudo, gt, (conf >= p.threshold) & valid)
             if a is not None:
                 metrics["acc_rectified_confident"] = a
-        return StepOutput(losses, metrics)
+        return StepOutput(losses, metrics, terms)

@@ -10,8 +10,8 @@ from pydantic import Field
 
 from ..augment.transforms import mix
 from .base import (
+    LossParams,
     Method,
-    MethodParams,
     pseudo_label_metrics,
     StepOutput,
     masked_pseudo_loss,
@@ -22,7 +22,7 @@ from .base import (
 )
 
 
-class FixMatchParams(MethodParams):
+class FixMatchParams(LossParams):
     threshold: float = Field(0.95, ge=0, le=1)  # FixMatch sec. 3.2 / UniMatch configs: tau = 0.95
     weight_u: float = 1.0  # lambda_u = 1 (FixMatch); the total is then halved as in UniMatch's code
 
@@ -42,7 +42,11 @@ class FixMatch(Method):
         pseudo_m = mix(box, pseudo, mix_partner(pseudo))
         conf_m = mix(box, conf, mix_partner(conf))
         valid_m = mix(box, valid, mix_partner(valid))
-        loss_x = supervised_loss(pred_x, labeled["mask"])
-        loss_s = masked_pseudo_loss(student(img_s), pseudo_m, conf_m, valid_m, self.p.threshold)
-        loss = (loss_x + self.p.weight_u * loss_s) / 2.0
-        return StepOutput({"loss": loss, "loss_x": loss_x.detach(), "loss_s": loss_s.detach()}, pseudo_label_metrics(pseudo, conf, valid, self.p.threshold, unlabeled.get("gt")))
+        loss_x = supervised_loss(pred_x, labeled["mask"], self.p.labeled_loss)
+        loss_s = masked_pseudo_loss(student(img_s), pseudo_m, conf_m, valid_m, self.p.threshold, self.p.unlabeled_loss)
+        terms = {"x": loss_x / 2.0, "s": self.p.weight_u * loss_s / 2.0}
+        return StepOutput(
+            {"loss": terms["x"] + terms["s"], "loss_x": loss_x.detach(), "loss_s": loss_s.detach()},
+            pseudo_label_metrics(pseudo, conf, valid, self.p.threshold, unlabeled.get("gt")),
+            terms,
+        )

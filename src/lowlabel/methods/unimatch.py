@@ -1,9 +1,12 @@
 """UniMatch (Yang et al., CVPR 2023): two strong image-level views with CutMix plus one
 feature-level perturbation of the weak view.
 
-Loss (UniMatch's ``unimatch.py``): (L_x + 0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp) / 2, i.e. labeled
-0.5 and unlabeled 0.5 split equally between the image-level pair (0.25) and the feature-level
-term (0.25). Feature perturbation: channel dropout (``Dropout2d``, p = 0.5) on the encoder
+Loss (UniMatch's ``unimatch.py``, natural-image and medical code alike): (L_x + 0.25 L_s1 +
+0.25 L_s2 + 0.5 L_fp) / 2, i.e. weights 0.5 (labeled), 0.125 and 0.125 (the two strong views)
+and 0.25 (feature perturbation); the unlabeled half is split equally between the image-level
+pair and the feature-level term. Loss kinds (``labeled_loss``, ``unlabeled_loss``): CE as in the
+natural-image code, or (CE + Dice) / 2 and Dice with low-confidence pixels ignored as in the
+medical (ACDC) code. Feature perturbation: channel dropout (``Dropout2d``, p = 0.5) on the encoder
 features fed to the decoder, on the weak view, as ``decode(dropout(encode(x)))``.
 
 Deviation (stated): UniMatch draws CutMix partners from a second unlabeled loader; lowlabel mixes
@@ -19,8 +22,8 @@ from pydantic import Field
 
 from ..augment.transforms import mix
 from .base import (
+    LossParams,
     Method,
-    MethodParams,
     StepOutput,
     masked_pseudo_loss,
     mix_partner,
@@ -30,12 +33,12 @@ from .base import (
 )
 
 
-class UniMatchParams(MethodParams):
-    threshold: float = Field(0.95, ge=0, le=1)  # UniMatch configs (pascal/cityscapes): conf_thresh 0.95
+class UniMatchParams(LossParams):
+    threshold: float = Field(0.95, ge=0, le=1)  # UniMatch configs (pascal/cityscapes/acdc): conf_thresh 0.95
     fp_dropout: float = Field(0.5, ge=0, lt=1)  # UniMatch sec. 3.2: nn.Dropout2d(0.5)
-    weight_x: float = 0.5  # UniMatch code: (loss_x + ...)/2
-    weight_s: float = 0.25  # each strong view: 0.25 * 0.5 * 2 views = 0.25 of the total
-    weight_fp: float = 0.25  # feature perturbation: 0.5 * 0.5
+    weight_x: float = 0.5  # UniMatch code: (loss_x + ...) / 2
+    weight_s: float = 0.125  # each strong view: 0.25 / 2
+    weight_fp: float = 0.25  # feature perturbation: 0.5 / 2
 
 
 class UniMatch(Method):
@@ -80,12 +83,14 @@ class UniMatch(Method):
                     mix(box, conf, mix_partner(conf)),
                     mix(box, valid, mix_partner(valid)),
                     self.p.threshold,
+                    self.p.unlabeled_loss,
                 )
             )
-        loss_x = supervised_loss(pred_x, labeled["mask"])
-        loss_fp = masked_pseudo_loss(pred_fp, pseudo, conf, valid, self.p.threshold)
-        loss = self.p.weight_x * loss_x + self.p.weight_s * (losses_s[0] + losses_s[1]) + self.p.weight_fp * loss_fp
+        loss_x = supervised_loss(pred_x, labeled["mask"], self.p.labeled_loss)
+        loss_fp = masked_pseudo_loss(pred_fp, pseudo, conf, valid, self.p.threshold, self.p.unlabeled_loss)
+        terms = {"x": self.p.weight_x * loss_x, "s": self.p.weight_s * (losses_s[0] + losses_s[1]), "fp": self.p.weight_fp * loss_fp}
         return StepOutput(
-            {"loss": loss, "loss_x": loss_x.detach(), "loss_s": ((losses_s[0] + losses_s[1]) / 2).detach(), "loss_fp": loss_fp.detach()},
+            {"loss": sum(terms.values()), "loss_x": loss_x.detach(), "loss_s": ((losses_s[0] + losses_s[1]) / 2).detach(), "loss_fp": loss_fp.detach()},
             pseudo_label_metrics(pseudo, conf, valid, self.p.threshold, unlabeled.get("gt")),
+            terms,
         )

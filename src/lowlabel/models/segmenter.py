@@ -9,7 +9,10 @@ Every network is a :class:`Segmenter`::
     logits = net(images)                   # any input size: padded to the stride, then cropped
 
 Images are float [B, 3, H, W] in [0, 1]; the network normalises them itself (ImageNet mean and
-std, the convention of the encoders' published weights). Methods perturb features as
+std, the convention of the encoders' published weights). A network built with ``in_channels=1``
+(grey data: MRI, EM, X-ray) takes the mean of the three channels — the grey level itself, since
+grey images are stored as three equal channels — and normalises it with the mean of ImageNet's
+means and stds, so its first layer does not carry three times the weights for one signal. Methods perturb features as
 ``decode(dropout(encode(x)))`` and read ``decode_features`` (RegionMatch's region pooling,
 DerProp's projection) — the model has no method-specific flags.
 """
@@ -28,6 +31,7 @@ STD = (0.229, 0.224, 0.225)
 
 # name -> smp class name. A plain dict of builders (as segment-anything's sam_model_registry).
 SMP_ARCHS = {"deeplabv3plus": "DeepLabV3Plus", "unet": "Unet", "segformer": "Segformer", "fpn": "FPN"}
+OWN_ARCHS = ("tiny", "unet2d")
 ENCODERS = ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v2", "mit_b0", "mit_b1", "mit_b2")
 
 
@@ -39,12 +43,18 @@ class Segmenter(nn.Module):
     feature_channels: int
     size_divisor: int = 32
 
-    def __init__(self):
+    def __init__(self, in_channels: int = 3):
         super().__init__()
-        self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1), persistent=False)
+        if in_channels not in (1, 3):
+            raise ValueError(f"in_channels must be 1 (grey) or 3 (RGB), got {in_channels}")
+        self.in_channels = in_channels
+        mean, std = (torch.tensor(MEAN), torch.tensor(STD)) if in_channels == 3 else (torch.tensor(MEAN).mean(0, True), torch.tensor(STD).mean(0, True))
+        self.register_buffer("mean", mean.view(1, in_channels, 1, 1), persistent=False)
+        self.register_buffer("std", std.view(1, in_channels, 1, 1), persistent=False)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        if self.in_channels == 1 and images.shape[1] != 1:
+            images = images.mean(1, keepdim=True)
         return (images - self.mean) / self.std
 
     def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -88,18 +98,18 @@ class Segmenter(nn.Module):
 class SmpSegmenter(Segmenter):
     """A segmentation_models_pytorch architecture split into encode/decode."""
 
-    def __init__(self, arch: str, encoder: str, num_classes: int):
-        super().__init__()
+    def __init__(self, arch: str, encoder: str, num_classes: int, in_channels: int = 3):
+        super().__init__(in_channels)
         import segmentation_models_pytorch as smp
 
-        net = getattr(smp, SMP_ARCHS[arch])(encoder_name=encoder, encoder_weights=None, classes=num_classes)
+        net = getattr(smp, SMP_ARCHS[arch])(encoder_name=encoder, encoder_weights=None, classes=num_classes, in_channels=in_channels)
         self.arch, self.encoder_name, self.num_classes = arch, encoder, num_classes
         self.encoder = net.encoder
         self.decoder_net = net.decoder
         self.head = net.segmentation_head
         net.eval()
         with torch.no_grad():
-            probe = self.decoder_net(self.encoder(torch.zeros(1, 3, 64, 64)))
+            probe = self.decoder_net(self.encoder(torch.zeros(1, in_channels, 64, 64)))
         net.train()
         self.feature_channels = probe.shape[1]
         self.size_divisor = max(32, int(getattr(net.encoder, "output_stride", 32)))
@@ -114,12 +124,12 @@ class _ConvBlock(nn.Sequential):
 
 
 class _TinyEncoder(nn.Module):
-    def __init__(self, width: int):
+    def __init__(self, width: int, in_channels: int = 3):
         super().__init__()
         chans = [width, width * 2, width * 4, width * 8]
-        self.out_channels = [3] + chans
+        self.out_channels = [in_channels] + chans
         self.stages = nn.ModuleList()
-        cin = 3
+        cin = in_channels
         for c in chans:
             self.stages.append(_ConvBlock(cin, c, stride=2))
             cin = c
@@ -149,13 +159,83 @@ class TinySegmenter(Segmenter):
     """A small from-scratch U-Net-like network (4 stages, FPN-style decoder) for CPU tests and
     the quickstart. Same interface as the smp networks; not meant to compete with them."""
 
-    def __init__(self, num_classes: int, width: int = 16):
-        super().__init__()
+    def __init__(self, num_classes: int, width: int = 16, in_channels: int = 3):
+        super().__init__(in_channels)
         self.arch, self.encoder_name, self.num_classes = "tiny", f"tiny{width}", num_classes
-        self.encoder = _TinyEncoder(width)
+        self.encoder = _TinyEncoder(width, in_channels)
         self.feature_channels = width * 2
         self.decoder_net = _TinyDecoder(self.encoder.out_channels, self.feature_channels)
         self.head = nn.Conv2d(self.feature_channels, num_classes, 1)
+        self.size_divisor = 16
+
+
+class _UNetBlock(nn.Sequential):
+    """conv3x3-BN-LeakyReLU, dropout, conv3x3-BN-LeakyReLU (the 2D UNet of the SSL4MIS/UniMatch
+    medical benchmarks)."""
+
+    def __init__(self, cin: int, cout: int, dropout: float):
+        super().__init__(
+            nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.LeakyReLU(0.01, inplace=True),
+            nn.Dropout(dropout),
+            nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.LeakyReLU(0.01, inplace=True),
+        )
+
+
+class _UNetEncoder(nn.Module):
+    """Five levels of width w, 2w, 4w, 8w, 16w; max-pooling between them; dropout 0.05, 0.1, 0.2,
+    0.3, 0.5 (level by level, as in the medical semi-supervised benchmarks' UNet)."""
+
+    DROPOUT = (0.05, 0.1, 0.2, 0.3, 0.5)
+
+    def __init__(self, width: int, in_channels: int):
+        super().__init__()
+        chans = [width * 2**i for i in range(5)]
+        self.out_channels = chans
+        self.blocks = nn.ModuleList()
+        cin = in_channels
+        for c, p in zip(chans, self.DROPOUT):
+            self.blocks.append(_UNetBlock(cin, c, p))
+            cin = c
+
+    def forward(self, x):
+        feats = []
+        for i, block in enumerate(self.blocks):
+            x = block(F.max_pool2d(x, 2) if i else x)
+            feats.append(x)
+        return feats
+
+
+class _UNetDecoder(nn.Module):
+    """Four up-steps: a 2x2 transposed convolution halves the channels and doubles the size, the
+    skip feature is concatenated, a conv block (no dropout) fuses them."""
+
+    def __init__(self, chans: list[int]):
+        super().__init__()
+        self.ups = nn.ModuleList(nn.ConvTranspose2d(c, c // 2, 2, stride=2) for c in reversed(chans[1:]))
+        self.blocks = nn.ModuleList(_UNetBlock(c, c // 2, 0.0) for c in reversed(chans[1:]))
+
+    def forward(self, feats):
+        x = feats[-1]
+        for up, block, skip in zip(self.ups, self.blocks, reversed(feats[:-1])):
+            x = block(torch.cat([skip, up(x)], 1))
+        return x  # full resolution, ``width`` channels
+
+
+class UNet2D(Segmenter):
+    """The small 2D UNet of the medical semi-supervised benchmarks (SSL4MIS, UniMatch's ACDC
+    results): channels 16-32-64-128-256 at ``width=16`` (1.9 M parameters),
+    trained from scratch. Written here (smp's ``Unet`` needs a classification encoder and is
+    ~14 M parameters with resnet18); layout: :class:`_UNetEncoder`, :class:`_UNetDecoder`, a 3x3
+    classifier. ``encode`` returns the five levels, so UniMatch's feature perturbation drops
+    channels on every skip as in its medical code."""
+
+    def __init__(self, num_classes: int, width: int = 16, in_channels: int = 1):
+        super().__init__(in_channels)
+        self.arch, self.encoder_name, self.num_classes = "unet2d", f"unet2d{width}", num_classes
+        self.encoder = _UNetEncoder(width, in_channels)
+        self.decoder_net = _UNetDecoder(self.encoder.out_channels)
+        self.feature_channels = width
+        self.head = nn.Conv2d(width, num_classes, 3, padding=1)
         self.size_divisor = 16
 
 
@@ -165,27 +245,33 @@ def build_model(
     num_classes: int = 2,
     pretrained: str | os.PathLike | None = None,
     width: int = 16,
+    in_channels: int = 3,
 ) -> Segmenter:
     """Build a :class:`Segmenter`.
 
     Args:
-        arch: ``deeplabv3plus``, ``unet``, ``segformer``, ``fpn`` (segmentation_models_pytorch)
-            or ``tiny`` (a small from-scratch network for tests).
-        encoder: any smp encoder name (tested: resnet18/50/101, mobilenet_v2, mit_b0).
+        arch: ``deeplabv3plus``, ``unet``, ``segformer``, ``fpn`` (segmentation_models_pytorch),
+            ``unet2d`` (the small from-scratch 2D UNet of the medical benchmarks; ``width`` sets
+            its first level's channels) or ``tiny`` (a small from-scratch network for tests).
+        encoder: any smp encoder name (tested: resnet18/50/101, mobilenet_v2, mit_b0); ignored by
+            ``unet2d`` and ``tiny``.
+        in_channels: 3 (RGB) or 1 (grey: the network sees the mean of the image's channels).
         pretrained: a local file with weights — a whole-model state dict, or an encoder-only one
             (e.g. ImageNet weights converted for the encoder). Never downloads.
     """
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if arch == "tiny":
-        model: Segmenter = TinySegmenter(num_classes, width)
+        model: Segmenter = TinySegmenter(num_classes, width, in_channels)
+    elif arch == "unet2d":
+        model = UNet2D(num_classes, width, in_channels)
     elif arch in SMP_ARCHS:
         try:
-            model = SmpSegmenter(arch, encoder, num_classes)
+            model = SmpSegmenter(arch, encoder, num_classes, in_channels)
         except (KeyError, ValueError) as err:
             raise ValueError(f"unknown or unsupported encoder {encoder!r} for {arch}: {err}") from None
     else:
-        raise ValueError(f"unknown model arch {arch!r}; choose from {sorted(SMP_ARCHS) + ['tiny']}")
+        raise ValueError(f"unknown model arch {arch!r}; choose from {sorted(SMP_ARCHS) + list(OWN_ARCHS)}")
     if pretrained:
         load_pretrained(model, pretrained)
     return model
