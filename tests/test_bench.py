@@ -4,6 +4,7 @@ import yaml
 
 from lowlabel.bench import _late_pseudo_means, cells, load_protocol, run_protocol, step_seconds
 from lowlabel.cli import main
+from lowlabel.config import load_config
 
 from .conftest import REPO
 
@@ -24,13 +25,15 @@ def test_two_cell_protocol_runs_resumes_and_reports(tiny_dataset, tmp_path):
     res = run_protocol(p, out=out, progress=False)
     assert res["cells"] == 2 and {r["method"] for r in res["rows"]} == {"supervised", "fixmatch"}
     cell = json.loads((out / "cells" / "fixmatch__2__s0.json").read_text())
-    for k in ("test_miou", "test_per_class_iou", "train_seconds", "seconds_per_iteration", "images_per_second", "peak_rss_mb", "commit", "val_history", "step_seconds"):
+    for k in ("test_miou", "test_per_class_iou", "dice_mean", "test_per_class_dice", "train_seconds", "seconds_per_iteration", "images_per_second", "peak_rss_mb", "commit", "val_history", "step_seconds"):
         assert k in cell
     assert cell["peak_rss_mb"] > 10
     assert {"acc_all", "mask_ratio"} <= set(cell["pseudo_accuracy_history"])  # acc_threshold only once a pixel is confident
     for f in ("results.json", "results.md", "miou.png", "val_curves.png", "pseudo_labels.png"):
         assert (out / f).exists()
     md = (out / "results.md").read_text()
+    assert "test Dice (%)" in md and "pooled over the split" in md
+    assert len(cell["val_history"][0]) == 3  # iteration, mIoU, mean foreground Dice
     assert "| supervised | 2 | 0 |" in md and "| fixmatch | 2 | " in md.split("## Pseudo-labels")[1]
     before = (out / "cells" / "fixmatch__2__s0.json").stat().st_mtime
     assert main(["bench", str(p), "--out", str(out)]) == 0  # finished cells are skipped
@@ -41,12 +44,15 @@ def test_committed_protocols_expand():
     for path in sorted((REPO / "benchmarks" / "protocols").glob("*.yaml")):
         proto = load_protocol(path)
         cs = cells(proto)
-        expected = sum(len(m.get("seeds", proto["seeds"])) for m in proto["methods"].values())
+        expected = sum(len(m.get("seeds", proto["seeds"])) * len(m.get("fractions", proto["fractions"])) for m in proto["methods"].values())
         assert len(cs) == expected
         seeds = [c["seed"] for c in cs]
         assert seeds == sorted(seeds)  # seed-major
         full = [c for c in cs if c["method"] == "full"]
         assert all(c["raw"]["data"]["labeled"] == "1" for c in full)
+        for c in cs:  # every cell's config validates (method parameters included)
+            load_config(raw=c["raw"])
+        assert len({c["cell"] for c in cs}) == len(cs)
 
 
 def test_pseudo_label_means_use_the_second_half_then_average_seeds():
