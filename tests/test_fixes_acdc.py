@@ -210,3 +210,23 @@ def test_fit_logs_gradient_norms_selects_on_dice_and_evaluates_resized(tiny_data
     assert [r["iteration"] for r in gn] == [2, 4] and all(r["gn_x"] > 0 and "gn_fp" in r for r in gn)
     assert summary["select"] == "dice_mean" and summary["best_val_dice_mean"] is not None
     assert all("dice_mean" in r["val"] for r in recs if "val" in r)
+
+
+def test_unimatch_feature_perturbation_drops_unet2d_first_level_but_not_an_input_level():
+    m = build_method("unimatch", {}, num_classes=2)
+    seen = {}
+
+    class Spy(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net, self.features_include_input = net, net.features_include_input
+
+        def decode(self, feats, size):
+            seen["first"] = feats[0]
+            return self.net.decode(feats, size)
+
+    for arch, dropped in (("unet2d", True), ("tiny", False)):
+        net = build_model(arch, num_classes=2, width=4)
+        feats = net.encode(torch.rand(2, 3, 32, 32))
+        m.perturbed_decode(Spy(net), feats, (32, 32))
+        assert (not torch.equal(seen["first"], feats[0])) == dropped, arch

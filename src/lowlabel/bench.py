@@ -73,10 +73,14 @@ def cells(proto: dict) -> list[dict]:
 
 
 def git_commit() -> str | None:
+    """HEAD of the checkout lowlabel runs from, with ``+dirty`` when tracked source files differ."""
+    here = Path(__file__).parent
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=Path(__file__).parent).stdout.strip()
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=here).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "."], cwd=here).returncode != 0
     except (OSError, subprocess.CalledProcessError):
         return None
+    return head + ("+dirty" if dirty else "")
 
 
 def is_pseudo_key(key: str) -> bool:
@@ -166,6 +170,7 @@ def run_protocol(path: str | Path, out: str | Path | None = None, only: list[str
             con.print(f"[{i + 1}/{len(todo)}] {cell['cell']}: done already, skipped")
             continue
         con.print(f"[{i + 1}/{len(todo)}] {cell['cell']}: training ({cell['raw']['train'].get('iterations')} iterations)")
+        commit = git_commit()  # the code the cell runs (its process imports it now)
         q = ctx.Queue()
         p = ctx.Process(target=_run_cell, args=(cell, str(out), proto["split"], q))
         p.start()
@@ -174,7 +179,7 @@ def run_protocol(path: str | Path, out: str | Path | None = None, only: list[str
         if "error" in res:
             raise RuntimeError(f"cell {cell['cell']} failed: {res['error']}\n{res['traceback']}")
         res.update({
-            "protocol": proto["name"], "commit": git_commit(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "protocol": proto["name"], "commit": commit, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "machine": f"{platform.node()} {platform.machine()} {platform.processor() or ''} ({mp.cpu_count()} cores)".strip(),
         })
         atomic_write_json(dest, res)

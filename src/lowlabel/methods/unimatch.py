@@ -48,8 +48,11 @@ class UniMatch(Method):
     default_teacher = "self"
 
     def perturbed_decode(self, student, feats, size):
-        """decode(dropout(encode(x))): channel dropout on every encoder level (not the input)."""
-        return student.decode([F.dropout2d(f, self.p.fp_dropout, training=True) if i else f for i, f in enumerate(feats)], size)
+        """decode(dropout(encode(x))): channel dropout on every encoder level, except a first level
+        that is the input image itself (smp encoders and ``tiny`` pass it through; ``unet2d``'s
+        first level is its first conv block, dropped as in UniMatch's medical UNet)."""
+        skip = 1 if getattr(student, "features_include_input", True) else 0
+        return student.decode([F.dropout2d(f, self.p.fp_dropout, training=True) if i >= skip else f for i, f in enumerate(feats)], size)
 
     def training_step(self, student, teacher, labeled, unlabeled, ctx):
         x, u_w = labeled["image"], unlabeled["image"]

@@ -42,6 +42,7 @@ class Segmenter(nn.Module):
     num_classes: int
     feature_channels: int
     size_divisor: int = 32
+    features_include_input: bool = True  # encode()[0] is the (normalised) input itself
 
     def __init__(self, in_channels: int = 3):
         super().__init__()
@@ -237,6 +238,7 @@ class UNet2D(Segmenter):
         self.feature_channels = width
         self.head = nn.Conv2d(width, num_classes, 3, padding=1)
         self.size_divisor = 16
+        self.features_include_input = False
 
 
 def build_model(
