@@ -253,6 +253,11 @@ def _late_pseudo_means(rs: list[dict]) -> dict[str, float]:
     return out
 
 
+def _labeled_name(fraction: str) -> str:
+    """A fraction or count as it is; a labeled.txt path by its file name."""
+    return Path(fraction).stem if fraction.endswith(".txt") else fraction
+
+
 def markdown_table(results: dict) -> str:
     rows = results["rows"]
     if not rows:
@@ -267,7 +272,7 @@ def markdown_table(results: dict) -> str:
         return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
 
     for r in rows:
-        cells_ = [r["method"], r["fraction"], ",".join(map(str, r["seeds"]))]
+        cells_ = [r["method"], _labeled_name(r["fraction"]), ",".join(map(str, r["seeds"]))]
         if with_dice:
             cells_ += [f"{pct(r['dice_mean'])} ± {pct(r['dice_std'])}", ", ".join(pct(v) for v in r["dice_per_seed"])]
         cells_ += [f"{pct(r['test_miou_mean'])} ± {pct(r['test_miou_std'])}"]
@@ -289,7 +294,7 @@ def markdown_table(results: dict) -> str:
             "| method | labeled | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys),
         ]
         for r in pseudo:
-            lines.append(f"| {r['method']} | {r['fraction']} | " + " | ".join(pct(r["pseudo_labels"].get(k)) for k in keys) + " |")
+            lines.append(f"| {r['method']} | {_labeled_name(r['fraction'])} | " + " | ".join(pct(r["pseudo_labels"].get(k)) for k in keys) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -301,7 +306,7 @@ def plot_results(out: Path, table: list[dict], rows: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(table)), 4))
-    labels = [f"{r['method']}\n{r['fraction']}" for r in table]
+    labels = [f"{r['method']}\n{_labeled_name(r['fraction'])}" for r in table]
     ax.bar(range(len(table)), [100 * r["test_miou_mean"] for r in table], yerr=[100 * r["test_miou_std"] for r in table], capsize=4, color=[f"C{i}" for i in range(len(table))])
     for r in table:
         for v in r["test_miou_per_seed"]:
@@ -321,7 +326,7 @@ def plot_results(out: Path, table: list[dict], rows: list[dict]) -> None:
         color = f"C{[t['method'] + t['fraction'] for t in table].index(r['method'] + r['fraction'])}"
         h = r["val_history"]  # [iteration, mIoU] or [iteration, mIoU, mean foreground Dice]
         ys = [p[2] if dice else p[1] for p in h]
-        ax.plot([p[0] for p in h], [100 * (y or 0) for y in ys], "-", color=color, alpha=0.8, label=None if key in methods else f"{r['method']} {r['fraction']}")
+        ax.plot([p[0] for p in h], [100 * (y or 0) for y in ys], "-", color=color, alpha=0.8, label=None if key in methods else f"{r['method']} {_labeled_name(r['fraction'])}")
         methods.append(key)
     metric = "mean foreground Dice" if dice else "mIoU"
     ax.set_xlabel("iteration")
