@@ -70,7 +70,7 @@ def test_der_loss_is_zero_for_its_own_targets_without_sparsity():
     assert pair_l1(torch.ones(1, 2, 2), torch.zeros(1, 2, 2), torch.tensor([[True, False]])).item() == 1.0
 
 
-@pytest.mark.parametrize("over", [{}, {"dlp": False}, {"der_loss": False}, {"der_order": 0}, {"der_order": 3, "sparsity": False},
+@pytest.mark.parametrize("over", [{}, {"propagation_norm": "row"}, {"dlp": False}, {"der_loss": False}, {"der_order": 0}, {"der_order": 3, "sparsity": False},
                                   {"operator": "eq10"}, {"operator": "eq11"}, {"operator": "eq12"}])
 def test_one_step_with_every_ablation(over):
     torch.manual_seed(0)
@@ -98,3 +98,47 @@ def test_refuses_similarity_matrices_that_would_not_fit():
     m = build_method("derprop", {"max_feature_pixels": 15}, num_classes=2, model=net)
     with pytest.raises(ValueError, match="max_feature_pixels"):
         m._forward(net, torch.rand(1, 3, 64, 64))  # 4 x 4 = 16 feature pixels
+
+
+def _tiled_rectify(norm, copies):
+    """The method's rectified logits for one feature map and for it tiled ``copies`` times along
+    the width (same pixels, M multiplied by ``copies``); the logits are given at feature size."""
+    torch.manual_seed(0)
+    net = build_model("tiny", num_classes=3, width=4)
+    m = build_method("derprop", {"propagation_norm": norm}, num_classes=3, model=net)
+    h, w, d = 3, 4, 16
+    logits = 4 * torch.randn(1, 3, h, w)
+    v = l1_normalize(torch.randn(1, d, h, w))  # signed entries, as J's last Conv1x1 gives
+    valid = torch.ones(1, h, w, dtype=torch.bool)
+    valid[0, 0, :2] = False
+    one = m._rectify(logits, v.flatten(2), (h, w), valid.flatten(1))
+    tile = m._rectify(logits.repeat(1, 1, 1, copies), v.repeat(1, 1, 1, copies).flatten(2), (h, w * copies), valid.repeat(1, 1, copies).flatten(1))
+    return logits, one, tile
+
+
+def test_row_norm_makes_the_propagated_scale_invariant_to_M():
+    logits, one, tile = _tiled_rectify("row", 3)
+    assert torch.allclose(tile, one.repeat(1, 1, 1, 3), atol=1e-5)  # same per-pixel logits with 3x the pixels
+    assert tile.abs().max() <= logits.abs().max() + 1e-5  # a weighted average of the input logits
+    assert torch.equal(tile.argmax(1), one.repeat(1, 1, 1, 3).argmax(1))
+
+
+def test_unnormalised_propagation_grows_with_M():
+    _, one, tile = _tiled_rectify("none", 3)
+    assert torch.allclose(tile, 3 * one.repeat(1, 1, 1, 3), atol=1e-4)  # eq. 4 as written: the sum triples
+    conf1, conf3 = one.repeat(1, 1, 1, 3).softmax(1).amax(1), tile.softmax(1).amax(1)
+    assert (conf3 >= conf1 - 1e-6).all() and conf3.mean() > conf1.mean()  # hence sharper pseudo-labels
+
+
+def test_row_norm_by_hand_and_its_bound():
+    logits = torch.tensor([[[2.0, -4.0, 10.0]]])  # [1, 1 class, 3 pixels]
+    sim = torch.tensor([[[1.0, 0.5, 0.0], [0.5, 1.0, -0.5], [0.0, -0.5, 1.0]]])
+    valid = torch.tensor([[True, True, False]])
+    out = propagate(logits, sim, valid, "row")[0, 0]
+    # pixel 0: (2*1 - 4*0.5) / 1.5; pixel 1: (2*0.5 - 4*1) / 1.5; pixel 2: (0 + 4*0.5) / 0.5
+    assert torch.allclose(out, torch.tensor([0.0, -2.0, 4.0]))
+    torch.manual_seed(1)
+    lg, s = torch.randn(2, 4, 50), torch.randn(2, 50, 50)
+    assert propagate(lg, s, None, "row").abs().max() <= lg.abs().max() + 1e-5
+    with pytest.raises(ValueError, match="propagation norm"):
+        propagate(lg, s, None, "col")

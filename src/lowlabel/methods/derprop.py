@@ -36,6 +36,15 @@ Interpretations and deviations (stated):
   S^s and S^GT compare the same pixels.
 - J is Conv1x1-BN-ReLU-Conv1x1 to ``proj_dim`` (256) channels: the paper shows J only as a
   block in Fig. 2.
+- ``propagation_norm`` (default ``"none"``, the paper's eq. 4): L~ = L (S + Delta^1 S) is a *sum*
+  over the M feature pixels, so its magnitude, and the softmax confidence of P~, grows with M (the
+  crop size and the backbone's stride). ``"row"`` divides each propagated pixel's logits by the
+  sum of its weights' magnitudes over valid source pixels, sum_i |(S + Delta^1 S)_ij| (equal to the
+  plain row sum where the weights are non-negative; positive for a valid pixel j, as
+  S_jj = ||v_j||_2^2 > 0, and clamped at 1e-6),
+  making L~ a weighted average of logits whose scale cannot exceed max |L| whatever M. It applies
+  wherever propagation is used (pseudo-labels and the L~ terms of L_CE). See the option's comment
+  for which default a probe supports.
 
 Memory: S and Delta^1 S are B x M x M each (float32, with gradients and the L_Der differences
 about 8 such matrices): for F4 at stride 16, a 512 crop gives M = 1024 and about 8 * 4 MB * B.
@@ -72,6 +81,10 @@ class DerPropParams(MethodParams):
     der_loss: bool = True  # Table 1 "w/o L_Der" when False
     proj_dim: int = 256
     max_feature_pixels: int = 4096
+    # eq. 4 as written ("none": L~ = L (S + Delta^1 S), scale grows with M) or a weighted average
+    # ("row": divided by sum_i |S + Delta^1 S|_ij over valid pixels; scale independent of M). A deviation
+    # when "row"; see the module docstring.
+    propagation_norm: Literal["none", "row"] = "none"
     labeled_loss: Literal["ce", "ce_dice"] = "ce"  # recipe option shared with the baselines (ACDC: ce_dice); the unlabeled terms stay the paper's
 
 
@@ -112,12 +125,24 @@ def l1_normalize(v: torch.Tensor, dim: int = 1) -> torch.Tensor:
     return v / v.abs().sum(dim, keepdim=True).clamp_min(1e-6)
 
 
-def propagate(logits: torch.Tensor, sim: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-    """Eqs. 1 / 4: L~ = L S for logits [B, C, M] and a similarity [B, M, M]; invalid source
-    pixels (``valid`` [B, M] False) contribute nothing."""
-    if valid is not None:
-        logits = logits * valid[:, None].to(logits.dtype)
-    return logits @ sim
+def propagate(logits: torch.Tensor, sim: torch.Tensor, valid: torch.Tensor | None = None, norm: str = "none") -> torch.Tensor:
+    """Eqs. 1 / 4: L~ = L S for logits [B, C, M] and a similarity [B, M, M] (target pixel j gets
+    sum_i L[:, i] S[i, j]); invalid source pixels (``valid`` [B, M] False) contribute nothing.
+
+    ``norm="row"`` divides target j by sum_i |S[i, j]| over valid i (clamped to >= 1e-6): a weighted
+    average of the source logits, so |L~| <= max |L| whatever M (a deviation from eq. 4, whose sum
+    grows with M)."""
+    if norm not in ("none", "row"):
+        raise ValueError(f"unknown propagation norm {norm!r}; choose 'none' or 'row'")
+    w = None if valid is None else valid[:, None].to(logits.dtype)  # [B, 1, M]
+    if w is not None:
+        logits = logits * w
+    out = logits @ sim
+    if norm == "row":
+        mag = sim.abs()
+        weight = (w @ mag) if w is not None else mag.sum(1, keepdim=True)  # [B, 1, M]
+        out = out / weight.clamp_min(1e-6)
+    return out
 
 
 def blend(p_plain: torch.Tensor, p_rect: torch.Tensor, epoch: int, total_epochs: int) -> torch.Tensor:
@@ -181,10 +206,11 @@ class DerProp(Method):
         return logits, v, (h, w)
 
     def _rectify(self, logits, v, fsize, valid_f):
-        """Propagated logits at full resolution: upsample(L_f (S + Delta^1 S))."""
+        """Propagated logits at full resolution: upsample(L_f (S + Delta^1 S)), divided per pixel by
+        its weights' sum when ``propagation_norm == "row"``."""
         lf = F.interpolate(logits, size=fsize, mode="bilinear", align_corners=False).flatten(2)
         sim = similarity(v) + similarity(derivative(v, 1, self.p.operator))
-        lt = propagate(lf, sim, valid_f).view(*lf.shape[:2], *fsize)
+        lt = propagate(lf, sim, valid_f, self.p.propagation_norm).view(*lf.shape[:2], *fsize)
         return F.interpolate(lt, size=logits.shape[-2:], mode="bilinear", align_corners=False)
 
     def training_step(self, student, teacher, labeled, unlabeled, ctx):
