@@ -10,6 +10,7 @@ from lowlabel.methods.regionmatch import (
     pixel_region_loss,
     prspl_mask,
     region_pool,
+    rampup_weight,
     region_targets,
     resize_ids,
     similarity_consistency,
@@ -135,7 +136,8 @@ def _batch(b=2, s=32, noise=False, seed=0):
 @pytest.mark.parametrize("over", [
     {}, {"prspl": False}, {"cir": False, "prcc": False}, {"dynamic_alpha": False}, {"region_labels": "hard"},
     {"region_labels": "soft"}, {"region_labeled": False}, {"region_unlabeled": False}, {"prcc_reduction": "sum"},
-    {"min_region_pixels": 1, "max_regions": 5},
+    {"min_region_pixels": 1, "max_regions": 5}, {"prcc_distance": "euclidean"}, {"region_pixels": "prspl"},
+    {"alpha_schedule": "prose"}, {"region_rampup": 0.0}, {"region_rampup_shape": "linear"}, {"max_region_share": 1.0},
 ])
 def test_every_ablation_runs_and_backpropagates(over):
     torch.manual_seed(0)
@@ -147,7 +149,8 @@ def test_every_ablation_runs_and_backpropagates(over):
         assert torch.isfinite(v), k
     out.losses["loss"].backward()
     assert m.proj.weight.grad is not None and m.region_classifier.weight.grad is not None
-    assert {"acc_prspl", "acc_threshold", "acc_all", "regions"} <= set(out.metrics)
+    assert {"acc_prspl", "acc_threshold", "acc_all", "regions", "regions_in_loss", "region_share_in_loss"} <= set(out.metrics)
+    assert torch.allclose(sum(out.terms.values()), out.losses["loss"])
     if over.get("max_regions"):
         assert out.metrics["regions"] <= 5
 
@@ -174,3 +177,183 @@ def test_many_tiny_regions_stay_bounded():
     assert len(cls) == 64 and ids.max() == 63
     out = m.training_step(net, Teacher("self", net), lab, unl, StepContext(0, 10, 0, 4, 4))
     assert torch.isfinite(out.losses["loss"])
+
+
+# ----------------------------------------------------------------------------- from-scratch options
+def test_rampup_weight_hand_computed():
+    assert rampup_weight(0.0, 0.2) == 0.0
+    assert rampup_weight(0.2, 0.2) == pytest.approx(1.0) and rampup_weight(0.9, 0.2) == 1.0
+    e5 = math.exp(-5)
+    assert rampup_weight(0.1, 0.2) == pytest.approx((math.exp(-5 * 0.25) - e5) / (1 - e5))
+    assert rampup_weight(0.1, 0.2, "linear") == pytest.approx(0.5)
+    assert rampup_weight(0.0, 0.0) == 1.0  # no ramp-up: the paper
+    ws = [rampup_weight(t / 10, 0.5) for t in range(11)]
+    assert ws == sorted(ws)
+    with pytest.raises(ValueError):
+        rampup_weight(0.1, 0.2, "cosine")
+
+
+def test_normalized_prcc_is_scale_free():
+    g = torch.Generator().manual_seed(0)
+    pix = torch.randn(2, 8, 4, 4, generator=g)
+    ids = torch.randint(0, 3, (2, 4, 4), generator=g) + 3 * torch.arange(2).view(2, 1, 1)
+    ids[0, 0, 0] = -1
+    regions, _ = region_pool(pix, ids, 6)
+    keep = torch.ones(6, dtype=torch.bool)
+    base = pixel_region_loss(pix, ids, regions, keep, distance="normalized")
+    eucl = pixel_region_loss(pix, ids, regions, keep, distance="euclidean")
+    for c in (1e-3, 37.5, 1e4):
+        assert pixel_region_loss(pix * c, ids, regions * c, keep, distance="normalized").item() == pytest.approx(base.item(), rel=1e-5)
+        assert pixel_region_loss(pix * c, ids, regions * c, keep, distance="euclidean").item() == pytest.approx(eucl.item() * c, rel=1e-4)
+    assert 0 < base.item() <= 2
+    # hand-computed: orthogonal directions are sqrt(2) apart whatever the lengths
+    one = torch.tensor([[[[1.0]], [[0.0]]]])  # D=2, 1x1 pixel (1, 0)
+    r = torch.tensor([[0.0, 5.0]])
+    k = torch.tensor([True])
+    assert pixel_region_loss(one, torch.zeros(1, 1, 1, dtype=torch.long), r, k, distance="normalized").item() == pytest.approx(math.sqrt(2))
+    assert pixel_region_loss(one, torch.zeros(1, 1, 1, dtype=torch.long), r, k, distance="euclidean").item() == pytest.approx(math.sqrt(26))
+    with pytest.raises(ValueError):
+        pixel_region_loss(one, torch.zeros(1, 1, 1, dtype=torch.long), r, k, distance="cosine")
+
+
+def test_alpha_schedules_move_the_kept_share_in_opposite_directions():
+    assert alpha_at(0.2, 0, 80, schedule="equations") == pytest.approx(0.2)
+    assert alpha_at(0.2, 80, 80, schedule="equations") == pytest.approx(0.0)
+    assert alpha_at(0.2, 0, 80, schedule="prose") == pytest.approx(0.0)
+    assert alpha_at(0.2, 40, 80, schedule="prose") == pytest.approx(0.1)
+    assert alpha_at(0.2, 80, 80, schedule="prose") == pytest.approx(0.2)
+    assert alpha_at(0.2, 40, 80, dynamic=False, schedule="prose") == pytest.approx(0.2)
+    with pytest.raises(ValueError):
+        alpha_at(0.2, 1, 80, schedule="other")
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 3, 16, 16, generator=g).mul(3).softmax(1)
+    has = torch.ones(2, 16, 16, dtype=torch.bool)
+
+    def kept(schedule, epoch, total=10):
+        return prspl_mask(q, q, has, has, alpha_at(0.2, epoch, total, schedule=schedule)).float().mean().item()
+
+    eq0, eq9, pr0, pr9 = kept("equations", 0), kept("equations", 9), kept("prose", 0), kept("prose", 9)
+    assert eq0 == pytest.approx(0.8, abs=0.01) and eq9 == pytest.approx(0.98, abs=0.01) and eq9 > eq0  # grows
+    assert pr0 == 1.0 and pr9 == pytest.approx(0.82, abs=0.01) and pr9 < pr0  # shrinks
+
+
+def _confident_net(num_classes=2, cls=0, scale=1.0):
+    """A tiny model that predicts class ``cls`` everywhere with confidence ~1 (one whole-image
+    region per image, as in the collapse), with its decoder features multiplied by ``scale``."""
+    torch.manual_seed(0)
+    net = build_model("tiny", num_classes=num_classes, width=4)
+    with torch.no_grad():
+        net.head.weight.zero_()
+        net.head.bias.fill_(-10.0)
+        net.head.bias[cls] = 10.0
+    if scale != 1.0:
+        orig = net.decode_features
+        net.decode_features = lambda feats: orig(feats) * scale
+    return net
+
+
+def _whole_image_batch(s=32):
+    lab, unl = _batch(s=s)
+    lab["mask"][:] = 0
+    unl["gt"][:] = 0
+    return lab, unl
+
+
+def _step(net, params, it=5, total=10, lab_unl=None):
+    m = build_method("regionmatch", params, num_classes=2, model=net)
+    lab, unl = lab_unl or _whole_image_batch()
+    return m, m.training_step(net, Teacher("self", net), lab, unl, StepContext(it, total, 0, 4, 2))
+
+
+REGION_LOSSES = ("loss_r_u", "loss_cir", "loss_prcc")
+
+
+def test_whole_image_region_defaults_give_no_region_loss_and_bounded_terms():
+    _, out = _step(_confident_net(), {})
+    assert out.metrics["regions"] == 2 and out.metrics["regions_kept"] == 2  # confident: passes tau_low
+    assert out.metrics["regions_too_large"] == 2 and out.metrics["regions_in_loss"] == 0
+    assert out.metrics["region_share_in_loss"] == 0 and out.metrics["regions_in_cir"] == 0
+    for k in REGION_LOSSES:
+        assert out.losses[k] == 0, k
+    for k, v in out.losses.items():
+        assert torch.isfinite(v) and 0 <= v.item() < 5, (k, v)
+    assert out.terms["prcc"].requires_grad and out.terms["r_u"] == 0
+
+
+def test_whole_image_region_terms_bounded_only_with_normalized_prcc():
+    """With the paper's region filter (max_region_share 1) the whole-image regions enter the
+    region losses; every term stays small with the normalised PRCC, whatever the feature scale,
+    while the paper's Euclidean PRCC grows with it."""
+    _, out = _step(_confident_net(), {"max_region_share": 1.0})
+    assert out.metrics["regions_in_loss"] == 2 and out.metrics["region_share_in_loss"] == pytest.approx(1.0)
+    assert out.metrics["regions_in_cir"] == 2
+    assert out.losses["loss_prcc"] > 0 and out.losses["loss_r_u"] > 0
+    for k, v in out.losses.items():
+        assert torch.isfinite(v) and 0 <= v.item() < 5, (k, v)
+    # the normalised PRCC and CIR2R (cosines) do not grow with the feature scale
+    _, out_big = _step(_confident_net(scale=1000.0), {"max_region_share": 1.0})
+    assert torch.isfinite(out_big.losses["loss"])
+    assert out_big.losses["loss_prcc"] <= 2 and out_big.losses["loss_cir"] <= 4
+    _, small = _step(_confident_net(), {"max_region_share": 1.0, "prcc_distance": "euclidean"})
+    _, big = _step(_confident_net(scale=1000.0), {"max_region_share": 1.0, "prcc_distance": "euclidean"})
+    assert big.losses["loss_prcc"].item() == pytest.approx(1000 * small.losses["loss_prcc"].item(), rel=1e-3)
+    assert big.losses["loss_prcc"] > 5
+
+
+def test_region_rampup_weight_zero_at_start_one_at_end():
+    params = {"max_region_share": 1.0, "region_rampup": 0.2}
+    _, first = _step(_confident_net(), params, it=0, total=100)
+    assert first.metrics["region_weight"] == 0.0
+    non_region = first.losses["loss_x"] + first.losses["loss_u"] + first.losses["loss_r_l"]
+    assert first.losses["loss"].item() == pytest.approx(non_region.item(), abs=1e-6)
+    assert first.losses["loss_prcc"] > 0  # still computed and logged
+    m, last = _step(_confident_net(), params, it=99, total=100)
+    assert last.metrics["region_weight"] == 1.0
+    p = m.p
+    full = (last.losses["loss_x"] + last.losses["loss_u"] + last.losses["loss_r_l"] + p.lambda_u_region * last.losses["loss_r_u"]
+            + p.lambda_cir * last.losses["loss_cir"] + p.lambda_prcc * last.losses["loss_prcc"])
+    assert last.losses["loss"].item() == pytest.approx(full.item(), rel=1e-5)
+    assert last.losses["loss"] > first.losses["loss"]
+    _, mid = _step(_confident_net(), params, it=10, total=100)
+    assert 0 < mid.metrics["region_weight"] < 1
+
+
+def test_region_pixels_prspl_keeps_only_prspl_pixels():
+    def run(region_cls, mode):
+        net = _confident_net()
+        m = build_method("regionmatch", {"max_region_share": 1.0, "region_pixels": mode}, num_classes=2, model=net)
+        with torch.no_grad():  # region view: class region_cls everywhere
+            m.region_classifier.weight.zero_()
+            m.region_classifier.bias.fill_(-5.0)
+            m.region_classifier.bias[region_cls] = 5.0
+        lab, unl = _whole_image_batch()
+        return m.training_step(net, Teacher("self", net), lab, unl, StepContext(5, 10, 0, 4, 2))
+
+    # the views disagree: PRSPL keeps no pixel, so with "prspl" no region enters a region loss
+    dis_all, dis_prspl = run(1, "all"), run(1, "prspl")
+    assert dis_all.metrics["prspl_ratio"] == 0 and dis_all.metrics["regions_in_loss"] == 2
+    assert dis_prspl.metrics["regions_in_loss"] == 0
+    assert all(dis_prspl.losses[k] == 0 for k in REGION_LOSSES) and dis_all.losses["loss_prcc"] > 0
+    # the views agree everywhere: PRSPL keeps every pixel, both modes give the same losses
+    ag_all, ag_prspl = run(0, "all"), run(0, "prspl")
+    assert ag_all.metrics["prspl_ratio"] == 1.0 and ag_prspl.metrics["regions_in_loss"] == 2
+    for k in REGION_LOSSES:
+        assert ag_prspl.losses[k].item() == pytest.approx(ag_all.losses[k].item(), rel=1e-5), k
+
+
+def test_region_count_and_share_metrics_hand_computed():
+    """Predictions split every image into a left and a right half: 4 regions of share 0.5."""
+    torch.manual_seed(0)
+    net = build_model("tiny", num_classes=2, width=4)
+    s = 32
+    split = torch.full((1, 2, s, s), -10.0)
+    split[:, 0, :, : s // 2] = 10.0
+    split[:, 1, :, s // 2:] = 10.0
+    net.classify = lambda dec, size: split.expand(dec.shape[0], -1, -1, -1) + 0 * dec.mean()
+    lab, unl = _batch(s=s)
+    _, out = _step(net, {}, lab_unl=(lab, unl))
+    assert out.metrics["regions"] == 4 and out.metrics["regions_too_large"] == 0
+    assert out.metrics["regions_in_loss"] == 4 and out.metrics["region_share_in_loss"] == pytest.approx(0.5)
+    assert out.losses["loss_prcc"] > 0
+    _, out = _step(net, {"max_region_share": 0.4}, lab_unl=_batch(s=s))
+    assert out.metrics["regions_too_large"] == 4 and out.metrics["regions_in_loss"] == 0 and out.losses["loss_prcc"] == 0

@@ -13,8 +13,10 @@ Pieces and equations:
   mask = low entropy in both views and the same argmax (eqs. 9-17);
 - CIR2R: MSE between the cosine-similarity matrices of all region features of the batch in the
   weak and in the strong view (eqs. 18-19);
-- PRCC: -log E_ij = ||R_i - F_j|| for the pixels j of each kept region i (eqs. 20-21);
-- L = L_p + L_r + 2 L_CIR + 1 L_PR (eq. 4, sec. 4.1).
+- PRCC: -log E_ij = ||R_i - F_j|| for the pixels j of each kept region i (eqs. 20-21; the
+  default measures it between normalised features, see ``prcc_distance`` below);
+- L = L_p + L_r + 2 L_CIR + 1 L_PR (eq. 4, sec. 4.1); the unlabeled region terms are ramped
+  up by default (``region_rampup`` below).
 
 Decisions and deviations (stated):
 
@@ -26,13 +28,53 @@ Decisions and deviations (stated):
   PRCC. Targets (weak-view pseudo-labels, region targets, S^w) are detached.
 - The weak view gives the targets; the strong view receives every unlabeled loss (L_p^u,
   L_r^u, S^s in CIR2R, PRCC), as in FixMatch.
-- Eqs. 13-15 set T = Quantile(H, 1 - alpha_t) with alpha_t falling to 0, so the share of kept
-  pixels *grows* during training (U2PL's convention); the paper's prose says the threshold
-  rises to keep fewer. lowlabel follows the equations.
+- PRSPL's alpha schedule (``alpha_schedule``). alpha_t is the share of pixels each view's
+  entropy filter drops: T = Quantile(H, 1 - alpha_t) keeps the (1 - alpha_t) lowest-entropy
+  pixels of an image. The paper's text contradicts itself, so both readings are selectable:
+  ``equations`` (eqs. 13-15, the default): alpha_t = alpha_0 (1 - t / T_epochs) falls from
+  alpha_0 to 0, so the kept share *grows* from 1 - alpha_0 (80%) to ~100% (U2PL's convention);
+  ``prose`` (sec. 4.3, "a higher threshold ... in later stages to prevent the model from fitting
+  noisy data"): alpha_t = alpha_0 t / T_epochs rises from 0 to alpha_0, so the kept share
+  *shrinks* from 100% to 1 - alpha_0, i.e. the same range walked the other way. With
+  ``dynamic_alpha: false`` (Table 6 "fixed") alpha_t = alpha_0 throughout.
 - PRCC (eq. 21) sums over a region's pixels; lowlabel averages within each region
   (``prcc_reduction: mean``) so the loss does not scale with the crop size; ``sum`` is there.
   Pixel features are projected by the same h so that R_i and F_j share a space (for a linear h,
   R_i is then exactly the mean of the projected pixel features).
+
+Deviations for training from scratch (the paper starts from ImageNet weights at lr 0.002).
+Measured on dubai-aerial with DeepLabV3+ from scratch, the paper's form collapses to the
+majority class: at step 20 the encoder gradient norms were L_x 8.5, L_p^u 33, 0.5 L_r^u 66,
+2 L_CIR 17, PRCC 244, and the few regions passing tau_low were whole images predicted as one
+class. Each fix is an option; the paper's form stays selectable:
+
+- ``prcc_distance: normalized`` (default; paper: ``euclidean``): eq. 20's distance is taken
+  between the L2-normalised R_i and F_j, so it lies in [0, 2] and does not depend on the feature
+  scale. The Euclidean distance on 256-d features is unbounded, and its cheapest minimiser is
+  shrinking (or collapsing) all features.
+- ``region_rampup: 0.2`` (default; paper: 0, no ramp-up): the unlabeled region terms (L_r^u,
+  CIR2R, PRCC) are multiplied by w(t), which rises from 0 at the first step to 1 once
+  ``ctx.progress`` reaches ``region_rampup`` (a fraction of the run's iterations). Shape
+  ``sigmoid`` (default): Mean Teacher's exp(-5 (1 - t)^2), shifted and rescaled so that w(0) is
+  exactly 0 and w(1) = 1; or ``linear``: w = t. L_p and L_r^l are never ramped.
+- ``max_region_share: 0.8`` (default; paper: 1.0, i.e. no limit): an unlabeled (pseudo-label)
+  region covering more than this share of its image's valid pixels enters none of L_r^u, CIR2R,
+  PRCC. A whole image predicted as one class is a region that only tells every pixel to look
+  like the majority class. It still gives PRSPL its region view. Labeled regions (ground truth,
+  L_r^l) are not limited.
+- ``region_pixels`` (default ``all``, the paper): with ``prspl`` a region's pixels enter the
+  region losses only where the unlabeled pixel loss keeps them (PRSPL's mask, or FixMatch's
+  confidence mask with PRSPL off): R^w, R^s and PRCC's pixels use only those pixels, and a region
+  with none drops out. A region's quality (eq. 6), targets (eq. 7) and share use all its pixels.
+
+The step logs, besides the losses, ``regions`` (unlabeled regions found), ``regions_kept``
+(passing tau_low), ``regions_too_large`` (over ``max_region_share``), ``regions_in_loss``
+(regions entering L_r^u and PRCC) with ``region_share_in_loss`` (their mean share of their
+image), ``regions_in_cir`` and ``region_weight`` (w(t)); ``StepOutput.terms`` holds the
+weighted terms for the engine's per-term gradient norms.
+
+Other decisions:
+
 - Regions smaller than ``min_region_pixels`` (at label resolution; default 64, i.e. 4 feature
   pixels at stride 4) are not regions; the ``max_regions`` largest regions of a batch are kept
   (default 512) so the N x N similarity matrices stay small. Pixels outside any region have no
@@ -65,6 +107,8 @@ class RegionMatchParams(MethodParams):
     lambda_prcc: float = 1.0  # eq. 4, sec. 4.1: lambda_2 = 1
     alpha0: float = Field(0.2, ge=0, le=1)  # sec. 4.1: alpha_0 = 20%
     dynamic_alpha: bool = True  # eq. 15 (Table 6: fixed vs dynamic)
+    # eqs. 13-15 (kept share grows to ~all) vs sec. 4.3's prose (kept share shrinks); see docstring
+    alpha_schedule: Literal["equations", "prose"] = "equations"
     prspl: bool = True  # Table 4
     cir: bool = True  # Table 4
     prcc: bool = True  # Table 4
@@ -75,6 +119,17 @@ class RegionMatchParams(MethodParams):
     min_region_pixels: int = 64
     max_regions: int = 512
     prcc_reduction: Literal["mean", "sum"] = "mean"
+    # deviation for from-scratch training (paper, eq. 20: "euclidean"): distance between
+    # L2-normalised R_i and F_j, in [0, 2] whatever the feature scale
+    prcc_distance: Literal["euclidean", "normalized"] = "normalized"
+    # deviation for from-scratch training (paper: 0, no ramp-up): L_r^u, CIR2R and PRCC weighted by
+    # w rising 0 -> 1 over this fraction of the run's iterations
+    region_rampup: float = Field(0.2, ge=0, le=1)
+    region_rampup_shape: Literal["sigmoid", "linear"] = "sigmoid"  # Mean Teacher's exp(-5(1-t)^2), rescaled to w(0) = 0
+    # deviation for from-scratch training (paper: 1.0, no limit): unlabeled regions covering more
+    # than this share of their image's valid pixels enter no region loss
+    max_region_share: float = Field(0.8, gt=0, le=1)
+    region_pixels: Literal["all", "prspl"] = "all"  # paper: all pixels of a region; prspl: only pixels the pixel loss keeps
 
 
 # ----------------------------------------------------------------------------- pure pieces
@@ -196,9 +251,35 @@ def prspl_mask(q_pixel: torch.Tensor, q_region: torch.Tensor, has_region: torch.
     return mask
 
 
-def alpha_at(alpha0: float, epoch: int, total_epochs: int, dynamic: bool = True) -> float:
-    """Eq. 15: alpha_t = alpha_0 (1 - t / total epochs); fixed alpha_0 when not dynamic."""
-    return alpha0 * (1 - epoch / max(total_epochs, 1)) if dynamic else alpha0
+def alpha_at(alpha0: float, epoch: int, total_epochs: int, dynamic: bool = True, schedule: str = "equations") -> float:
+    """The share alpha_t of each image's pixels that PRSPL's entropy filters drop (eqs. 13-14 keep
+    H <= Quantile(H, 1 - alpha_t)). ``equations`` (eq. 15): alpha_0 (1 - t / total epochs),
+    falling to 0 (the kept share grows); ``prose`` (sec. 4.3): alpha_0 t / total epochs, rising
+    from 0 (the kept share shrinks). Fixed alpha_0 when not ``dynamic``."""
+    if not dynamic:
+        return alpha0
+    t = min(max(epoch / max(total_epochs, 1), 0.0), 1.0)
+    if schedule == "equations":
+        return alpha0 * (1 - t)
+    if schedule == "prose":
+        return alpha0 * t
+    raise ValueError(f"unknown alpha_schedule {schedule!r}; choose 'equations' or 'prose'")
+
+
+def rampup_weight(progress: float, length: float, shape: str = "sigmoid") -> float:
+    """Weight of a ramped-up loss at ``progress`` (0..1 of the run) when it ramps over the first
+    ``length`` of the run: 1 when ``length`` is 0; else with t = min(progress / length, 1),
+    ``linear``: t; ``sigmoid``: Mean Teacher's exp(-5 (1 - t)^2), rescaled as
+    (exp(-5 (1 - t)^2) - e^-5) / (1 - e^-5) so that it is exactly 0 at t = 0 and 1 at t = 1."""
+    if length <= 0:
+        return 1.0
+    t = min(max(progress / length, 0.0), 1.0)
+    if shape == "linear":
+        return t
+    if shape == "sigmoid":
+        floor = np.exp(-5.0)
+        return float((np.exp(-5.0 * (1.0 - t) ** 2) - floor) / (1.0 - floor))
+    raise ValueError(f"unknown ramp-up shape {shape!r}; choose 'sigmoid' or 'linear'")
 
 
 def similarity_consistency(r_weak: torch.Tensor, r_strong: torch.Tensor) -> torch.Tensor:
@@ -210,10 +291,16 @@ def similarity_consistency(r_weak: torch.Tensor, r_strong: torch.Tensor) -> torc
     return F.mse_loss(b @ b.t(), a @ a.t())
 
 
-def pixel_region_loss(pixel_emb: torch.Tensor, ids: torch.Tensor, region_emb: torch.Tensor, keep: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+def pixel_region_loss(
+    pixel_emb: torch.Tensor, ids: torch.Tensor, region_emb: torch.Tensor, keep: torch.Tensor, reduction: str = "mean", distance: str = "euclidean"
+) -> torch.Tensor:
     """Eqs. 20-21: -log E_ij = ||R_i - F_j||_2 for every pixel j [B, D, h, w] of each kept region
     i (``ids`` [B, h, w]); within-region mean (``mean``) or sum (``sum``, the paper's literal
-    form), then the mean over kept regions."""
+    form), then the mean over kept regions. ``distance``: ``euclidean`` (eq. 20) or
+    ``normalized``: ||R_i / ||R_i|| - F_j / ||F_j|| ||, in [0, 2] and unchanged when the features
+    are scaled by a positive constant."""
+    if distance not in ("euclidean", "normalized"):
+        raise ValueError(f"unknown prcc_distance {distance!r}; choose 'euclidean' or 'normalized'")
     d = pixel_emb.shape[1]
     flat = pixel_emb.permute(0, 2, 3, 1).reshape(-1, d)
     idx = ids.reshape(-1)
@@ -221,7 +308,10 @@ def pixel_region_loss(pixel_emb: torch.Tensor, ids: torch.Tensor, region_emb: to
     sel[sel.clone()] = keep[idx[sel]]
     if not sel.any():
         return pixel_emb.sum() * 0.0
-    dist = (flat[sel] - region_emb[idx[sel]]).norm(dim=1)
+    f, r = flat[sel], region_emb[idx[sel]]
+    if distance == "normalized":
+        f, r = F.normalize(f, dim=1), F.normalize(r, dim=1)
+    dist = (f - r).norm(dim=1)
     n = region_emb.shape[0]
     sums = torch.zeros(n, dtype=dist.dtype, device=dist.device).index_add(0, idx[sel], dist)
     counts = torch.bincount(idx[sel], minlength=n)[:n]
@@ -292,7 +382,7 @@ class RegionMatch(Method):
                 loss_r_l = per_image_mean(ce, img_l, cnt_l > 0, b)
 
         # ---- weak-view regions, their targets and region-view distribution (no grad: targets)
-        ids_u, cls_u, img_u, _ = self._regions(pseudo_in)
+        ids_u, cls_u, img_u, size_u = self._regions(pseudo_in)
         n = len(cls_u)
         with torch.no_grad():
             if n:
@@ -314,7 +404,7 @@ class RegionMatch(Method):
                 q_region = q_pixel
 
         # ---- pixel mask for L_p^u: PRSPL (eqs. 9-17) or FixMatch's threshold
-        alpha = alpha_at(p.alpha0, ctx.epoch, ctx.total_epochs, p.dynamic_alpha)
+        alpha = alpha_at(p.alpha0, ctx.epoch, ctx.total_epochs, p.dynamic_alpha, p.alpha_schedule)
         thr_mask = (conf >= p.threshold) & valid
         prspl = prspl_mask(q_pixel, q_region, has_view, valid, alpha) if n else torch.zeros_like(valid)
         mask = prspl if p.prspl else thr_mask
@@ -331,31 +421,49 @@ class RegionMatch(Method):
         loss_p_u = ((ce_s * mask_m).sum((1, 2)) / valid_m.sum((1, 2)).clamp_min(1)).mean()  # eq. 16
         loss_p_l = supervised_loss(pred_x, labeled["mask"])
 
+        # ---- unlabeled region losses: which regions and pixels enter them (deviations: docstring)
         loss_r_u, loss_cir, loss_prcc = zero, zero, zero
+        in_loss = in_cir = too_large = torch.zeros(n, dtype=torch.bool, device=u_w.device)
+        share = torch.zeros(n, device=u_w.device)
         if n:
-            ids_s_full = mix(box, ids_u, mix_partner(ids_u))
+            share = size_u.float() / valid.sum((1, 2)).clamp_min(1).float()[img_u]  # of the image's valid pixels
+            too_large = share > p.max_region_share
+            ids_loss = ids_u
+            if p.region_pixels == "prspl":  # only the pixels the unlabeled pixel loss keeps
+                ids_loss = torch.where(mask, ids_u, torch.full_like(ids_u, -1))
+                with torch.no_grad():
+                    r_w, _, cnt_w = self._region_embed(dec_w, ids_loss, n)
+            ids_s_full = mix(box, ids_loss, mix_partner(ids_loss))
             r_s, ids_s, cnt_s = self._region_embed(dec_s, ids_s_full, n)
-            visible = cnt_s > 0
+            eligible = (cnt_s > 0) & ~too_large  # visible in the strong view, not near-whole-image
+            in_loss = keep_r & eligible  # I of eq. 6, for L_r^u and PRCC
+            in_cir = eligible & (cnt_w > 0)  # seen in both views
             if p.region_unlabeled:  # eq. 7
                 ce_r = soft_ce(self.region_classifier(r_s), targets)
-                loss_r_u = per_image_mean(ce_r, img_u, keep_r & visible, bu)
-            if p.cir:  # eqs. 18-19, over the regions seen in both views
-                both = visible & (cnt_w > 0)
-                loss_cir = similarity_consistency(r_w[both], r_s[both])
+                loss_r_u = per_image_mean(ce_r, img_u, in_loss, bu)
+            if p.cir:  # eqs. 18-19
+                loss_cir = similarity_consistency(r_w[in_cir], r_s[in_cir])
             if p.prcc:  # eqs. 20-21 on the kept regions I
                 pix = self.proj(dec_s.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-                loss_prcc = pixel_region_loss(pix, ids_s, r_s, keep_r & visible, p.prcc_reduction)
+                loss_prcc = pixel_region_loss(pix, ids_s, r_s, in_loss, p.prcc_reduction, p.prcc_distance)
 
-        loss_p = loss_p_l + loss_p_u  # eq. 1
-        loss_r = loss_r_l + p.lambda_u_region * loss_r_u  # eq. 8
-        loss = loss_p + loss_r + p.lambda_cir * loss_cir + p.lambda_prcc * loss_prcc  # eq. 4
+        w = rampup_weight(ctx.progress, p.region_rampup, p.region_rampup_shape)  # 1 with region_rampup 0 (the paper)
+        terms = {  # eq. 4 with eqs. 1 and 8; the unlabeled region terms ramped by w
+            "x": loss_p_l, "u": loss_p_u, "r_l": loss_r_l, "r_u": w * p.lambda_u_region * loss_r_u,
+            "cir": w * p.lambda_cir * loss_cir, "prcc": w * p.lambda_prcc * loss_prcc,
+        }
+        loss = sum(terms.values())
         losses = {
             "loss": loss, "loss_x": loss_p_l.detach(), "loss_u": loss_p_u.detach(), "loss_r_l": loss_r_l.detach(),
             "loss_r_u": loss_r_u.detach(), "loss_cir": loss_cir.detach(), "loss_prcc": loss_prcc.detach(),
         }
         nv = valid.sum().clamp_min(1)
+        n_in = int(in_loss.sum())
         metrics.update({
             "regions": float(n), "regions_kept": float(keep_r.sum()) if n else 0.0, "alpha": alpha,
+            "regions_too_large": float(too_large.sum()), "regions_in_loss": float(n_in),
+            "region_share_in_loss": float(share[in_loss].mean()) if n_in else 0.0,
+            "regions_in_cir": float(in_cir.sum()), "region_weight": w,
             "mask_ratio": float(mask.sum() / nv), "prspl_ratio": float(prspl.sum() / nv), "thr_ratio": float(thr_mask.sum() / nv),
         })
         gt = unlabeled.get("gt")
@@ -364,4 +472,4 @@ class RegionMatch(Method):
                 a = accuracy_of(pseudo, gt, m)
                 if a is not None:
                     metrics[name] = a
-        return StepOutput(losses, metrics)
+        return StepOutput(losses, metrics, terms)
