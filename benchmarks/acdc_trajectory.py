@@ -6,12 +6,14 @@ learning rate has fallen to half by iteration 500; UniMatch's medical run follow
 probe trains the protocol's ``unimatch`` cell (or another method's, ``--method``) with the
 reference's schedule length (``train.iterations: 31800``) and stops at ``--stop`` iterations,
 validating every 100 (mean foreground Dice per volume on the 10 validation patients). What still
-differs from the reference: 128 x 128 slices instead of 256 x 256, batch 8 + 8 instead of
-12 + 12, and validation on the 10 validation patients, where the reference's log scores val + test.
+differs from the reference with the default ``--protocol acdc-cpu``: 128 x 128 slices instead of
+256 x 256, batch 8 + 8 instead of 12 + 12. ``--protocol acdc-gpu`` uses the reference's 256 x 256 and
+12 + 12 (a GPU's work). Either way lowlabel validates on the 10 validation patients, where the
+reference's log scores val + test.
 
 Resumable (the run directory keeps its checkpoint): run it again with a larger ``--stop``.
 
-    python benchmarks/acdc_trajectory.py [--method unimatch] [--stop 1000] [--out benchmarks/results/acdc-trajectory]
+    python benchmarks/acdc_trajectory.py [--protocol acdc-cpu|acdc-gpu] [--method unimatch] [--stop 1000]
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ REFERENCE_250 = (0.4, 38.0)  # the log's range around iteration 250
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--method", default="unimatch", help="a method (cell) of benchmarks/protocols/acdc-cpu.yaml")
+    ap.add_argument("--protocol", default="acdc-cpu", help="acdc-cpu (128², batch 8+8) or acdc-gpu (256², batch 12+12)")
+    ap.add_argument("--method", default="unimatch", help="a method (cell) of the protocol")
     ap.add_argument("--stop", type=int, default=1000, help="stop (and checkpoint) at this iteration")
     ap.add_argument("--schedule", type=int, default=31800, help="train.iterations: the length the poly schedule decays over")
     ap.add_argument("--seed", type=int, default=0)
@@ -43,11 +46,14 @@ def main(argv=None) -> int:
     from lowlabel.config import load_config
     from lowlabel.engine.trainer import Trainer
 
-    proto = load_protocol(REPO / "benchmarks" / "protocols" / "acdc-cpu.yaml")
-    cell = next(c for c in cells(proto) if c["method"] == args.method and c["seed"] == args.seed)
+    proto = load_protocol(REPO / "benchmarks" / "protocols" / f"{args.protocol}.yaml")
+    cell = next(c for c in cells(proto) if c["method"] == args.method and c["seed"] == args.seed
+                and str(c["fraction"]).endswith("ssl-labeled-3.txt"))
     raw = cell["raw"]
     out = Path(args.out)
     name = f"{args.method}__schedule{args.schedule}__s{args.seed}"
+    if args.protocol != "acdc-cpu":
+        name = f"{args.protocol}__{name}"
     raw.update(name=name, out_dir=str(out / "runs"))
     raw["train"] = {**raw["train"], "iterations": args.schedule, "val_every": 100, "checkpoint_every": 100}
     cfg = load_config(raw=raw)
@@ -60,6 +66,8 @@ def main(argv=None) -> int:
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     curve = [[r["iteration"], r["val"]["dice_mean"], r["val"]["miou"]] for r in records if "val" in r]
     result = {
+        "protocol": args.protocol, "crop": cfg.data.crop,
+        "batch": [cfg.data.labeled_batch, cfg.data.unlabeled_batch], "device": trainer_device(trainer),
         "method": args.method, "schedule": args.schedule, "stopped_at": trainer.iteration, "seed": args.seed,
         "val_dice_mean": curve, "reference": REFERENCE, "reference_250": REFERENCE_250,
         "gap_at_reference_points": {it: round(100 * dice - REFERENCE[it], 1) for it, dice, _ in curve if it in REFERENCE},
@@ -74,6 +82,13 @@ def main(argv=None) -> int:
     return 0
 
 
+def trainer_device(trainer) -> str:
+    import torch
+
+    dev = next(trainer.student.parameters()).device
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+
+
 def plot(path: Path, result: dict) -> None:
     import matplotlib
 
@@ -82,7 +97,9 @@ def plot(path: Path, result: dict) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     c = result["val_dice_mean"]
-    ax.plot([p[0] for p in c], [100 * p[1] for p in c], "o-", label=f"lowlabel {result['method']} (128², batch 8+8, poly over {result['schedule']})")
+    crop, (bl, bu) = result.get("crop", 128), result.get("batch", (8, 8))
+    ax.plot([p[0] for p in c], [100 * p[1] for p in c], "o-",
+            label=f"lowlabel {result['method']} ({crop}², batch {bl}+{bu}, poly over {result['schedule']})")
     ref = sorted(result["reference"].items(), key=lambda kv: int(kv[0]))
     ax.plot([int(k) for k, _ in ref], [v for _, v in ref], "ks--", label="UniMatch reference log (256², batch 12+12)")
     ax.vlines(250, *result["reference_250"], colors="k", linestyles=":", label="reference range at ~250")

@@ -25,6 +25,7 @@ import copy
 import json
 import math
 import multiprocessing as mp
+import os
 import platform
 import resource
 import statistics
@@ -73,13 +74,15 @@ def cells(proto: dict) -> list[dict]:
 
 
 def git_commit() -> str | None:
-    """HEAD of the checkout lowlabel runs from, with ``+dirty`` when tracked source files differ."""
+    """HEAD of the checkout lowlabel runs from, with ``+dirty`` when tracked source files differ.
+    A copy without its git folder (a working tree sent to a GPU machine) has none; there the
+    sender's ``LOWLABEL_COMMIT`` names it, or the result says null."""
     here = Path(__file__).parent
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=here).stdout.strip()
         dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "."], cwd=here).returncode != 0
     except (OSError, subprocess.CalledProcessError):
-        return None
+        return os.environ.get("LOWLABEL_COMMIT")
     return head + ("+dirty" if dirty else "")
 
 
