@@ -38,6 +38,11 @@ def test_two_cell_protocol_runs_resumes_and_reports(tiny_dataset, tmp_path):
     before = (out / "cells" / "fixmatch__2__s0.json").stat().st_mtime
     assert main(["bench", str(p), "--out", str(out)]) == 0  # finished cells are skipped
     assert (out / "cells" / "fixmatch__2__s0.json").stat().st_mtime == before
+    # --in-process trains the same cell in this process, to the same record
+    out2 = tmp_path / "res-in-process"
+    assert main(["bench", str(p), "--out", str(out2), "--only", "fixmatch", "--in-process"]) == 0
+    cell2 = json.loads((out2 / "cells" / "fixmatch__2__s0.json").read_text())
+    assert cell2["test_miou"] == cell["test_miou"] and cell2["val_history"] == cell["val_history"]
 
 
 def test_committed_protocols_expand():

@@ -27,6 +27,7 @@ import math
 import multiprocessing as mp
 import os
 import platform
+import queue
 import resource
 import statistics
 import subprocess
@@ -160,7 +161,11 @@ def _run_cell(cell: dict, out_dir: str, split: str, queue) -> None:
         queue.put({"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()})
 
 
-def run_protocol(path: str | Path, out: str | Path | None = None, only: list[str] | None = None, progress: bool = True) -> dict:
+def run_protocol(path: str | Path, out: str | Path | None = None, only: list[str] | None = None, progress: bool = True,
+                 in_process: bool = False) -> dict:
+    """Run the protocol's cells not done yet, each in a fresh child process (``in_process``: in
+    this one; on the lent H100 machine spawned cells ran 40x slower than the same training
+    in-process, 6.7 vs 0.16 s per step, cause not isolated), then aggregate."""
     proto = load_protocol(path)
     out = Path(out or Path("benchmarks") / "results" / proto["name"])
     (out / "cells").mkdir(parents=True, exist_ok=True)
@@ -174,11 +179,16 @@ def run_protocol(path: str | Path, out: str | Path | None = None, only: list[str
             continue
         con.print(f"[{i + 1}/{len(todo)}] {cell['cell']}: training ({cell['raw']['train'].get('iterations')} iterations)")
         commit = git_commit()  # the code the cell runs (its process imports it now)
-        q = ctx.Queue()
-        p = ctx.Process(target=_run_cell, args=(cell, str(out), proto["split"], q))
-        p.start()
-        res = q.get()
-        p.join()
+        if in_process:
+            q = queue.SimpleQueue()
+            _run_cell(cell, str(out), proto["split"], q)
+            res = q.get()
+        else:
+            q = ctx.Queue()
+            p = ctx.Process(target=_run_cell, args=(cell, str(out), proto["split"], q))
+            p.start()
+            res = q.get()
+            p.join()
         if "error" in res:
             raise RuntimeError(f"cell {cell['cell']} failed: {res['error']}\n{res['traceback']}")
         res.update({

@@ -108,7 +108,7 @@ def _cmd_quickstart(args) -> int:
 def _cmd_bench(args) -> int:
     from .bench import run_protocol
 
-    res = run_protocol(args.protocol, out=args.out, only=args.only or None)
+    res = run_protocol(args.protocol, out=args.out, only=args.only or None, in_process=args.in_process)
     print(f"{res['cells']} cell(s) finished; results in {args.out or 'benchmarks/results/' + res['protocol']}")
     return 0
 
@@ -220,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("protocol", help="protocol YAML (see benchmarks/protocols/)")
     b.add_argument("--only", action="append", default=[], metavar="NAME", help="only this method or cell (repeatable)")
     b.add_argument("--out", help="results folder (default: benchmarks/results/<protocol name>)")
+    b.add_argument("--in-process", action="store_true",
+                   help="train each cell in this process, not in a fresh child process (which keeps the cells' memory apart)")
     b.set_defaults(func=_cmd_bench)
 
     w = sub.add_parser("weaken", help="simulate weak labels (points, scribbles, coarse) from dense masks")
