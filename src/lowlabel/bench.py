@@ -164,8 +164,9 @@ def _run_cell(cell: dict, out_dir: str, split: str, queue) -> None:
 def run_protocol(path: str | Path, out: str | Path | None = None, only: list[str] | None = None, progress: bool = True,
                  in_process: bool = False) -> dict:
     """Run the protocol's cells not done yet, each in a fresh child process (``in_process``: in
-    this one; on the lent H100 machine spawned cells ran 40x slower than the same training
-    in-process, 6.7 vs 0.16 s per step, cause not isolated), then aggregate."""
+    this one), then aggregate. On the lent H100 machine, four spawned cells with
+    ``OMP_NUM_THREADS=2`` ran at 6.7 s per step where the same training in-process without it ran
+    at 0.16; which of the two differences caused it was not isolated."""
     proto = load_protocol(path)
     out = Path(out or Path("benchmarks") / "results" / proto["name"])
     (out / "cells").mkdir(parents=True, exist_ok=True)
