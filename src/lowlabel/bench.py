@@ -102,8 +102,8 @@ def step_seconds(records: list[dict]) -> float | None:
     return round(statistics.median(rates), 4) if rates else None
 
 
-def _run_cell(cell: dict, out_dir: str, split: str, queue) -> None:
-    """Child process: train (or resume), evaluate the best checkpoint, report."""
+def _run_cell(cell: dict, out_dir: str, split: str, report) -> None:
+    """Train (or resume) one cell, evaluate its best checkpoint, put the record on ``report`` (in a child process, or in this one with ``in_process``)."""
     try:
         import torch
 
@@ -139,7 +139,7 @@ def _run_cell(cell: dict, out_dir: str, split: str, queue) -> None:
         imgs_per_iter = cfg.data.labeled_batch + (cfg.data.unlabeled_batch if mcls.uses_unlabeled else 0)
         spi = summary["seconds_per_iteration"]
         step = step_seconds(records)
-        queue.put({
+        report.put({
             **{k: cell[k] for k in ("cell", "method", "fraction", "seed")},
             "method_name": cfg.method.name,
             "test_miou": test["miou"], "test_per_class_iou": test["per_class_iou"], "test_pixel_accuracy": test["pixel_accuracy"],
@@ -158,7 +158,7 @@ def _run_cell(cell: dict, out_dir: str, split: str, queue) -> None:
     except BaseException as err:  # report, do not hang the parent
         import traceback
 
-        queue.put({"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()})
+        report.put({"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()})
 
 
 def run_protocol(path: str | Path, out: str | Path | None = None, only: list[str] | None = None, progress: bool = True,

@@ -43,8 +43,11 @@ Interpretations and deviations (stated):
   plain row sum where the weights are non-negative; positive for a valid pixel j, as
   S_jj = ||v_j||_2^2 > 0, and clamped at 1e-6),
   making L~ a weighted average of logits whose scale cannot exceed max |L| whatever M. It applies
-  wherever propagation is used (pseudo-labels and the L~ terms of L_CE). See the option's comment
-  for which default a probe supports.
+  wherever propagation is used (pseudo-labels and the L~ terms of L_CE). Probe (ACDC, 128 x 128
+  slices, M = 64, 80 steps): "none" did not harm the thresholded pseudo-labels, it made the 0.95
+  filter stricter (kept 33 % of pixels at 96.8 % accuracy) where "row" kept all of them at
+  96.2 %; at 256 x 256 (M = 256) "none" reached max |L~| 11.5 against 7.25. Hence "none" stays
+  the default.
 
 Memory: S and Delta^1 S are B x M x M each (float32, with gradients and the L_Der differences
 about 8 such matrices): for F4 at stride 16, a 512 crop gives M = 1024 and about 8 * 4 MB * B.
