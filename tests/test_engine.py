@@ -21,28 +21,35 @@ def _weights(run_dir):
     return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
 
 
-@pytest.mark.parametrize("method,teacher", [("unimatch", "self"), ("fixmatch", "ema")])
-def test_resume_gives_the_same_weights(tiny_dataset, tmp_path, method, teacher):
-    raw = tiny_config(tiny_dataset, tmp_path / "a", method, teacher, iterations=6)
+@pytest.mark.parametrize("method,teacher", [
+    ("unimatch", "self"), ("regionmatch", "self"), ("derprop", "epoch_momentum"),
+    ("fixmatch", "ema"),  # the SeSAM-style student-teacher (FixMatch with an EMA teacher)
+])
+def test_resume_mid_epoch_gives_the_same_weights(tmp_path, method, teacher):
+    data = make_dataset(tmp_path / "d", n=12)  # 8 unlabeled images: 4 batches an epoch, the stop falls inside one
+    raw = tiny_config(data, tmp_path / "a", method, teacher, iterations=7)
     fit(load_config(raw=raw), progress=False)
     full = _weights(tmp_path / "a" / raw["name"])
 
-    raw_b = tiny_config(tiny_dataset, tmp_path / "b", method, teacher, iterations=6)
-    cfg = load_config(raw=raw_b)
-    tr = Trainer(cfg, progress=False)
-    tr.fit(stop_at=4)  # stopped, as a killed run would be, after the checkpoint at iteration 4
+    raw_b = tiny_config(data, tmp_path / "b", method, teacher, iterations=7)
+    tr = Trainer(load_config(raw=raw_b), progress=False)
+    assert tr.iters_per_epoch == 4
+    tr.fit(stop_at=2)  # stopped, as a killed run would be, after the checkpoint at iteration 2
     run_dir = tmp_path / "b" / raw_b["name"]
-    assert _weights(run_dir)["iteration"] == 4
+    assert _weights(run_dir)["iteration"] == 2
     fit(resume=run_dir, progress=False)
     resumed = _weights(run_dir)
-    assert resumed["iteration"] == 6
+    assert resumed["iteration"] == 7
     for k, v in full["student"].items():
         assert torch.equal(v, resumed["student"][k]), k
-    if teacher == "ema":
+    if (full["teacher"] or {}).get("model"):
         for k, v in full["teacher"]["model"].items():
             assert torch.equal(v, resumed["teacher"]["model"][k]), k
+    for name in ("summary.json",):
+        a, b = (json.loads((d / raw["name"] / name).read_text()) for d in (tmp_path / "a", tmp_path / "b"))
+        assert a["best_val"] == b["best_val"] and a["best_iteration"] == b["best_iteration"]
     iters = [json.loads(l)["iteration"] for l in (run_dir / "metrics.jsonl").read_text().splitlines() if "val" not in l]
-    assert iters == [1, 2, 3, 4, 5, 6]  # history is not duplicated by the resume
+    assert iters == [1, 2, 3, 4, 5, 6, 7]  # history is not duplicated by the resume
 
 
 def test_run_directory_contents_and_run_api(tiny_dataset, tmp_path):

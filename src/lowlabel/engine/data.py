@@ -3,7 +3,9 @@
 A stream's batch ``k`` is a pure function of ``(seed, k)``: epoch ``k // batches_per_epoch``
 shuffles with a generator seeded by ``(seed, epoch)``, and each sample is augmented with a
 generator seeded by ``(seed, epoch, index)``. Resuming at iteration ``k`` therefore needs no
-saved loader state and skips no images by reading them.
+saved loader state and skips no images by reading them. Each loader owns its ``torch.Generator``:
+a DataLoader iterator draws its base seed from the global torch RNG otherwise, so a resume (which
+opens an iterator mid-epoch) would shift the global stream that dropout and the methods use.
 """
 
 from __future__ import annotations
@@ -85,8 +87,9 @@ class Stream:
         while True:
             keys = self.epoch_keys(epoch)
             sampler = [keys[b * self.batch_size : (b + 1) * self.batch_size] for b in range(offset, self.batches_per_epoch)]
+            gen = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, epoch, offset]).generate_state(1)[0]))
             loader = torch.utils.data.DataLoader(
-                self.dataset, batch_sampler=sampler, collate_fn=collate, num_workers=self.workers, pin_memory=self.pin
+                self.dataset, batch_sampler=sampler, collate_fn=collate, num_workers=self.workers, pin_memory=self.pin, generator=gen
             )
             yield from loader
             epoch, offset = epoch + 1, 0
