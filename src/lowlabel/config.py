@@ -10,11 +10,14 @@ file's own folder.
 from __future__ import annotations
 
 import copy
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
 
 
 class _Strict(BaseModel):
@@ -26,7 +29,7 @@ class DataConfig(_Strict):
     train_split: str = "train"
     val_split: str | None = "val"
     test_split: str | None = "test"
-    labeled: str = Field("1", description="labeled part of the train split: a fraction ('1/8'), a count ('46'), or a labeled.txt path")
+    labeled: str = Field("1", description="labeled part of the train split: a fraction ('1/8', '0.125'; '1' = all), a count (46), or a labeled.txt path")
     unlabeled: str | None = Field(None, description="unlabeled.txt path; default: the rest of the train split")
     split_seed: int = 0
     weak: str | None = Field(None, description="weak label folder to load (e.g. 'scribbles')")
@@ -36,9 +39,27 @@ class DataConfig(_Strict):
     resize: bool = Field(False, description="resize each image whole to crop x crop instead of rescale + crop (UniMatch's medical recipe)")
     rotate: Literal["none", "medical"] = Field("none", description="'medical': random rot90 + flip or a rotation of up to 20 degrees (UniMatch's ACDC recipe), instead of the horizontal flip")
     unlabeled_gt: bool = Field(False, description="load unlabeled images' masks to log pseudo-label accuracy (never used in losses)")
-    labeled_batch: int = 4
-    unlabeled_batch: int = 4
-    workers: int = 0
+    labeled_batch: int = Field(4, ge=1)
+    unlabeled_batch: int = Field(4, ge=1)
+    workers: int = Field(0, ge=0)
+
+    @field_validator("labeled", mode="before")
+    @classmethod
+    def _labeled(cls, v):
+        """A count or fraction written as a YAML number (``labeled: 46``, ``0.125``) is read as
+        the string form; anything else must be a count, a fraction or a ``.txt`` file."""
+        if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+            raise ValueError(f"give a count (46), a fraction ('1/8', 0.125) or a labeled.txt path, got {v!r}")
+        text = str(v).strip()
+        if text.endswith(".txt"):
+            return text
+        try:
+            num = float(Fraction(text))
+        except (ValueError, ZeroDivisionError):
+            raise ValueError(f"{text!r} is not a count (46), a fraction ('1/8', 0.125) or a labeled.txt path") from None
+        if num <= 0 or (num > 1 and num != int(num)):
+            raise ValueError(f"{text!r}: a fraction must be in (0, 1], a count a whole number >= 1")
+        return text
 
     @field_validator("crop")
     @classmethod
@@ -52,7 +73,7 @@ class ModelConfig(_Strict):
     arch: str = "deeplabv3plus"
     encoder: str = "resnet18"
     pretrained: str | None = Field(None, description="local weights file (never downloaded)")
-    width: int = 16  # only for the own archs: 'tiny' and 'unet2d' (first level's channels)
+    width: int = Field(16, ge=1)  # only for the own archs: 'tiny' and 'unet2d' (first level's channels)
     in_channels: Literal[1, 3] = Field(3, description="3: RGB; 1: grey data (the network sees the mean of the channels)")
 
 
@@ -63,13 +84,13 @@ class MethodConfig(_Strict):
 
 class TeacherConfig(_Strict):
     kind: Literal["none", "ema", "self", "epoch_momentum"] = "none"
-    decay: float = 0.999  # EMA decay (Mean Teacher / FixMatch-style teachers)
+    decay: float = Field(0.999, ge=0.0, le=1.0)  # EMA decay (Mean Teacher / FixMatch-style teachers)
     bn_batches: int = Field(10, ge=1, description="training batches that recompute an averaged network's BatchNorm statistics")
 
 
 class OptimConfig(_Strict):
     name: Literal["sgd", "adamw"] = "sgd"
-    lr: float = 0.005  # UniMatch (Pascal): 0.001 x 16 / batch; CPU configs set their own
+    lr: float = Field(0.005, gt=0.0)  # UniMatch (Pascal): 0.001 x 16 / batch; CPU configs set their own
     head_lr_mult: float = 10.0  # UniMatch: decoder/head at 10x the backbone rate
     weight_decay: float = 1e-4
     momentum: float = 0.9
@@ -81,11 +102,11 @@ class OptimConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    iterations: int | None = Field(2000, description="total optimiser steps (None: epochs x iterations per epoch)")
-    epochs: int | None = None
-    val_every: int = 200
-    checkpoint_every: int = 200
-    log_every: int = 10
+    iterations: int | None = Field(2000, ge=1, description="total optimiser steps (None: epochs x iterations per epoch)")
+    epochs: int | None = Field(None, ge=1)
+    val_every: int = Field(200, ge=0, description="validate every N steps and at the end (0: never; the final model is the run's model)")
+    checkpoint_every: int = Field(200, ge=1)
+    log_every: int = Field(10, ge=1)
     device: str = "auto"
     amp: bool | Literal["auto"] = "auto"  # on for CUDA, off on CPU
     seed: int = 0
@@ -101,11 +122,11 @@ class TrainConfig(_Strict):
 
 
 class EvalConfig(_Strict):
-    tile: int = 512
-    overlap: float = 0.25
+    tile: int = Field(512, ge=32)
+    overlap: float = Field(0.25, ge=0.0, lt=1.0)
     weighting: Literal["gaussian", "uniform"] = "gaussian"
-    batch_size: int = 4
-    max_images: int | None = None
+    batch_size: int = Field(4, ge=1)
+    max_images: int | None = Field(None, ge=1)
     resize: int | None = Field(None, description="predict on each image resized whole to this size, scores resized back (set it to data.crop when data.resize is on)")
 
 
@@ -201,12 +222,27 @@ def load_raw(path: str | Path) -> dict:
     return raw
 
 
+def config_error(err: ValidationError, source: str | Path | None = None, prefix: str = "") -> ConfigError:
+    """A pydantic error as one line per problem: ``<file>: <key>: <problem> (got <value>)``."""
+    parts = []
+    for e in err.errors():
+        key = ".".join(str(x) for x in (prefix, *e["loc"]) if x != "")
+        msg = e["msg"].removeprefix("Value error, ")
+        got = e.get("input")
+        shown = "" if isinstance(got, dict) or e["type"] == "missing" else f" (got {got!r})"
+        parts.append(f"{key}: {msg}{shown}" if key else f"{msg}{shown}")
+    return ConfigError(f"{source}: " * bool(source) + "; ".join(parts))
+
+
 def resolve_method_params(cfg: Config) -> Config:
     """Validate ``method.params`` against the method's own schema and fill in its defaults."""
     from .methods import get_method_class
 
     cls = get_method_class(cfg.method.name)
-    params = cls.Params(**cfg.method.params)
+    try:
+        params = cls.Params(**cfg.method.params)
+    except ValidationError as err:
+        raise config_error(err, prefix="method.params") from None
     cfg.method.params = params.model_dump()
     return cfg
 
@@ -218,7 +254,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ValueError("give a config path or a raw dict")
         raw = load_raw(path)
     raw = apply_overrides(raw, overrides)
-    cfg = Config.model_validate(raw)
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as err:
+        raise config_error(err, path) from None
     return resolve_method_params(cfg)
 
 

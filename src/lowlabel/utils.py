@@ -10,6 +10,8 @@ from typing import Any, Iterator
 
 import torch
 
+from .errors import DeviceError
+
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     path = Path(path)
@@ -86,5 +88,5 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available on this machine")
+        raise DeviceError(f"train.device / --device {name!r}: CUDA is not available on this machine (use cpu or auto)")
     return dev

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from ..errors import DatasetError  # noqa: F401  (re-exported: the data layer's error)
+
 IGNORE_INDEX = 255
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 TASKS = ("semantic", "instance", "change")
@@ -35,13 +37,6 @@ TASKS = ("semantic", "instance", "change")
 _MAX_PIXELS = 2**34
 
 
-class DatasetError(ValueError):
-    """Bad input data. The message names the file and the problem."""
-
-    def __init__(self, path: str | os.PathLike | None, problem: str):
-        self.path = None if path is None else str(path)
-        self.problem = problem
-        super().__init__(f"{self.path}: {problem}" if self.path else problem)
 
 
 @dataclass(frozen=True)

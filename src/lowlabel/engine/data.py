@@ -20,19 +20,27 @@ from ..augment.transforms import LabeledTransform, UnlabeledTransform
 from ..config import DataConfig
 from ..data.dataset import DatasetError, FolderDataset, collate, read_ids
 from ..data.splits import split_ids
+from ..errors import ConfigError
 
 
 def resolve_split(cfg: DataConfig) -> tuple[list[str], list[str]]:
-    """(labeled ids, unlabeled ids) of a data config."""
+    """(labeled ids, unlabeled ids) of a data config. Lists given as files must hold ids of the
+    train split only: an id of the val or test split would train on the evaluation images."""
     root = Path(cfg.root)
-    train = read_ids(root / "splits" / f"{cfg.train_split}.txt")
+    train_file = root / "splits" / f"{cfg.train_split}.txt"
+    train = read_ids(train_file)
     lab = cfg.labeled.strip()
-    if lab.endswith(".txt"):
-        labeled = read_ids(lab)
-    elif lab.isdigit() and int(lab) > 1:
-        labeled, _ = split_ids(train, count=int(lab), seed=cfg.split_seed)
-    else:
-        labeled, _ = split_ids(train, fraction=lab, seed=cfg.split_seed)
+    try:
+        if lab.endswith(".txt"):
+            labeled = read_ids(lab)
+        elif lab.isdigit() and int(lab) > 1:
+            labeled, _ = split_ids(train, count=int(lab), seed=cfg.split_seed)
+        else:
+            labeled, _ = split_ids(train, fraction=lab, seed=cfg.split_seed)
+    except ValueError as err:
+        if isinstance(err, DatasetError):
+            raise
+        raise ConfigError(f"data.labeled={lab!r}: {err} (train split {train_file}: {len(set(train))} ids)") from None
     if not labeled:
         raise DatasetError(lab, "empty labeled set")
     if cfg.unlabeled:
@@ -40,10 +48,25 @@ def resolve_split(cfg: DataConfig) -> tuple[list[str], list[str]]:
     else:
         chosen = set(labeled)
         unlabeled = [i for i in sorted(set(train)) if i not in chosen]
+    in_train = set(train)
+    for path, ids in ((lab, labeled), (cfg.unlabeled, unlabeled)):
+        outside = sorted(set(ids) - in_train)
+        if outside:
+            where = _splits_holding(root, outside, exclude=cfg.train_split)
+            raise DatasetError(path, f"{len(outside)} id(s) are not in the train split {train_file.name}"
+                               + (f" but in {where}" if where else "") + f", e.g. {outside[:3]}; "
+                               "a labeled or unlabeled list may only name training images")
     overlap = set(labeled) & set(unlabeled)
     if overlap:
         raise DatasetError(cfg.unlabeled, f"{len(overlap)} id(s) are both labeled and unlabeled, e.g. {sorted(overlap)[:3]}")
     return labeled, unlabeled
+
+
+def _splits_holding(root: Path, ids: list[str], exclude: str) -> str:
+    """Names of the split files (other than ``exclude``) that list any of ``ids``."""
+    want = set(ids)
+    names = [p.name for p in sorted((root / "splits").glob("*.txt")) if p.stem != exclude and want & set(read_ids(p))]
+    return ", ".join(names)
 
 
 def build_sets(cfg: DataConfig, n_strong: int, seed: int, need_unlabeled: bool):

@@ -13,7 +13,8 @@ from ..data.tiling import WindowReader, open_reader
 from ..eval.inference import Prediction, for_eval, sliding_window
 from ..models import build_model
 from ..utils import progress_bar, resolve_device
-from .trainer import CHECKPOINT_FORMAT, evaluate_model
+from ..errors import CheckpointError
+from .trainer import evaluate_model, read_checkpoint
 
 
 class Run:
@@ -47,11 +48,7 @@ class Run:
                     break
             else:
                 raise FileNotFoundError(f"{path}: no checkpoints/best.pt or last.pt in this run directory")
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: checkpoint not found")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{path}: not a lowlabel checkpoint")
+        state = read_checkpoint(path)
         spec = state["model_spec"]
         model = build_model(spec["arch"], spec["encoder"], spec["num_classes"], width=spec.get("width", 16), in_channels=spec.get("in_channels", 3))
         if "weights" in state:
@@ -63,7 +60,7 @@ class Run:
         try:
             model.load_state_dict(weights)
         except RuntimeError as err:
-            raise ValueError(f"{path}: weights do not fit {spec['arch']}/{spec['encoder']}: {str(err)[:300]}") from None
+            raise CheckpointError(path, f"weights do not fit {spec['arch']}/{spec['encoder']}: {str(err).splitlines()[0][:200]}") from None
         cfg = Config.model_validate(state["config"]) if state.get("config") else None
         meta = state["dataset"]
         return cls(model, meta["classes"], meta["palette"], config=cfg, run_dir=run_dir or path.parent.parent, device=resolve_device(device), data_root=meta.get("root"))

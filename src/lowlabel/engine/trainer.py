@@ -23,8 +23,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import random
 import time
+import zipfile
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -34,6 +36,7 @@ import torch.distributed as dist
 
 from ..config import Config, dump_config
 from ..data.dataset import DatasetError
+from ..errors import CheckpointError, DivergenceError, RunExistsError
 from ..data.validate import require_valid
 from ..eval.inference import for_eval, sliding_window
 from ..eval.metrics import Scores
@@ -45,6 +48,29 @@ from .optim import build_optimizer, set_lr
 from .teachers import Teacher
 
 CHECKPOINT_FORMAT = "lowlabel-checkpoint-1"
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """A lowlabel checkpoint's state, or a :class:`CheckpointError` naming the file and why it is
+    not one (missing, empty, truncated, not a PyTorch file, pickled objects, another format).
+    Loads with ``weights_only=True``: no code in a checkpoint ever runs."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(path, "checkpoint not found")
+    if path.stat().st_size == 0:
+        raise CheckpointError(path, "empty file (0 bytes), not a checkpoint")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        why = "it holds pickled objects, which lowlabel does not load" if "Weights only load failed" in str(err) else "not a PyTorch checkpoint file"
+        raise CheckpointError(path, f"not a lowlabel checkpoint: {why}") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
+        first = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
+        raise CheckpointError(path, f"unreadable checkpoint (truncated or not a PyTorch file: {first})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        fmt = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(path, f"not a lowlabel checkpoint (format {fmt!r}, expected {CHECKPOINT_FORMAT!r})")
+    return state
 
 
 def model_spec(cfg: Config, num_classes: int) -> dict:
@@ -140,7 +166,7 @@ class Trainer:
         self.run_dir = Path(run_dir) if run_dir else Path(cfg.out_dir) / cfg.name
         self.ckpt_dir = self.run_dir / "checkpoints"
         if not resume and (self.ckpt_dir / "last.pt").exists():
-            raise FileExistsError(
+            raise RunExistsError(
                 f"{self.run_dir} already holds a run; resume it with `lowlabel fit --resume {self.run_dir}` "
                 f"or choose another name (--set name=...)"
             )
@@ -265,8 +291,8 @@ class Trainer:
 
     def _load(self, path: Path) -> None:
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: no checkpoint to resume from")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+            raise CheckpointError(path, "no checkpoint to resume from")
+        state = read_checkpoint(path)
         check_compatible(state, model_spec(self.cfg, self.num_classes), path)
         self.student.load_state_dict(state["student"])
         self.teacher.load_state_dict(state["teacher"])
@@ -337,7 +363,7 @@ class Trainer:
             out = self.method.training_step(self.student, self.teacher, lab, unl, self._ctx())
         loss = out.losses["loss"]
         if not torch.isfinite(loss):
-            raise FloatingPointError(
+            raise DivergenceError(
                 f"loss is {loss.item()} at iteration {self.iteration} ({ {k: float(v) for k, v in out.losses.items()} }); "
                 "lower optim.lr or check the labels"
             )
@@ -410,7 +436,7 @@ class Trainer:
                 if self.iteration % cfg.train.checkpoint_every == 0 or self.iteration in (self.total, end):
                     self._save("last.pt")
         elapsed = time.time() - t0
-        if self.val_set is None:  # no validation: the final model is the "best"
+        if self.val_set is None or not cfg.train.val_every:  # no validation: the final model is the "best"
             self._save_best({})
         summary = {
             "iterations": self.total, "trained_iterations": self.iteration - start_iter, "seconds": round(elapsed, 2),
@@ -435,12 +461,10 @@ class Trainer:
 
 
 def check_compatible(state: dict, spec: dict, path) -> None:
-    """Clear errors for checkpoints of another format, architecture or class count."""
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not a lowlabel checkpoint (format {state.get('format') if isinstance(state, dict) else type(state).__name__})")
+    """Clear errors for a checkpoint of another architecture or class count."""
     have = state["model_spec"]
     if have["num_classes"] != spec["num_classes"]:
-        raise ValueError(f"{path}: checkpoint has {have['num_classes']} classes, the dataset/config {spec['num_classes']}")
+        raise CheckpointError(path, f"checkpoint has {have['num_classes']} classes, the dataset/config {spec['num_classes']}")
     for k in ("arch", "encoder"):
         if have[k] != spec[k]:
-            raise ValueError(f"{path}: checkpoint is {have['arch']}/{have['encoder']}, the config asks for {spec['arch']}/{spec['encoder']}")
+            raise CheckpointError(path, f"checkpoint is {have['arch']}/{have['encoder']}, the config asks for {spec['arch']}/{spec['encoder']}")
