@@ -59,11 +59,14 @@ def _cmd_split(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
+    from .errors import ConfigError
     from .eval.evaluate import evaluate_folder, metrics_table
     from .utils import atomic_write_json, console
 
     target = Path(args.target)
     if target.is_dir() and not (target / "checkpoints").is_dir() and not (target / "run.json").exists():
+        if not args.data:
+            raise ConfigError(f"{target}: a folder of predicted label maps is scored against a dataset: give --data DATASET")
         summary = evaluate_folder(target, args.data, args.split)
     else:
         from .engine.run import Run
@@ -81,10 +84,14 @@ def _cmd_fit(args) -> int:
     from .api import fit
     from .config import load_config
 
-    cfg = load_config(args.config, args.set) if args.config else None
-    if cfg is None and not args.resume:
-        raise SystemExit("lowlabel fit: give -c CONFIG or --resume RUN_DIR")
-    run = fit(cfg, resume=args.resume, progress=not args.quiet)
+    from .errors import ConfigError
+
+    if not args.config and not args.resume:
+        raise ConfigError("give -c CONFIG or --resume RUN_DIR")
+    if args.resume:  # the run's own config, with the changes a resume allows
+        run = fit(args.config, resume=args.resume, overrides=args.set, progress=not args.quiet)
+    else:
+        run = fit(load_config(args.config, args.set), progress=not args.quiet)
     print(f"run directory: {run.run_dir}")
     return 0
 
@@ -131,7 +138,7 @@ def _cmd_refine(args) -> int:
     from .sam.refine import RefineSettings, refine_dataset
     from .utils import counting_progress
 
-    require_valid(args.dataset)
+    require_valid(args.dataset, splits=[args.split], read_pixels=True)
     info = DatasetInfo.load(args.dataset)
     folder = str(info.weak_labels.get(args.weak, args.weak)).rstrip("/")
     kind = args.kind or {"points": "point", "scribbles": "scribble"}.get(folder, "coarse")
@@ -139,7 +146,7 @@ def _cmd_refine(args) -> int:
     settings = RefineSettings(weak_kind=kind, sampler=args.sampler, selection=args.selection, points=args.points)
     cache = EmbeddingCache(args.cache) if args.cache else None
     with counting_progress(f"refine ({seg.name})") as prog:
-        man = refine_dataset(args.dataset, args.out, seg, settings, weak_folder=folder, split=args.split, seed=args.seed, cache=cache, progress=prog, limit=args.limit)
+        man = refine_dataset(args.dataset, args.out, seg, settings, weak_folder=folder, split=args.split, seed=args.seed, cache=cache, progress=prog, limit=args.limit, overwrite=args.overwrite)
     print(f"{len(man['images'])} image(s) refined -> {args.out} (masks/, confidence/, manifest.json)")
     return 0
 
@@ -170,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Label-efficient image segmentation: semi-supervised, weakly supervised and SAM-assisted training.",
     )
     p.add_argument("--version", action="version", version=f"lowlabel {__version__}")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error (default: one line)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     q = sub.add_parser("quickstart", help="train UniMatch on the bundled sample, evaluate, predict, plot (CPU, minutes)")
@@ -249,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--limit", type=int, help="only the first N images")
     r.add_argument("--device", default="cpu")
     r.add_argument("--out", required=True)
+    r.add_argument("--overwrite", action="store_true", help="replace an --out refined before with other settings")
     r.set_defaults(func=_cmd_refine)
 
     wt = sub.add_parser("weights", help="official SAM / MobileSAM / SAM 2 checkpoints")
@@ -271,17 +280,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command. Every failure a user can fix (bad data, a bad checkpoint or config, an
+    existing run, divergence, a missing device, a missing file) ends as one line on stderr and
+    exit status 2; ``--debug`` shows the traceback instead."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    from .data.dataset import DatasetError
+    from .errors import LowlabelError
 
     try:
         return int(args.func(args) or 0)
-    except (DatasetError, FileNotFoundError, ValueError, ConnectionError, ImportError) as err:
-        print(f"lowlabel {args.command}: error: {err}", file=sys.stderr)
+    except (LowlabelError, FileNotFoundError, ValueError, ConnectionError, ImportError) as err:
+        if args.debug:
+            raise
+        msg = str(err).strip()
+        print(f"lowlabel {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

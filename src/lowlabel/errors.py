@@ -19,7 +19,9 @@ class LowlabelError(Exception):
 class PathError(LowlabelError):
     """A failure tied to one file: the message is ``<path>: <problem>``."""
 
-    def __init__(self, path: str | os.PathLike | None, problem: str):
+    def __init__(self, path: str | os.PathLike | None, problem: str | None = None):
+        if problem is None:  # rebuilt from one message: PyTorch re-raises a DataLoader worker's error so
+            path, problem = None, _last_line(str(path), type(self).__name__)
         self.path = None if path is None else str(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}" if self.path else problem)
@@ -50,3 +52,15 @@ class DivergenceError(LowlabelError, FloatingPointError):
 
 class DeviceError(LowlabelError, RuntimeError):
     """The requested device is not available on this machine."""
+
+
+def _last_line(message: str, name: str) -> str:
+    """The error's own line out of a re-raised worker message ("Caught X in DataLoader worker
+    process 0. Original Traceback ... lowlabel.errors.X: <path>: <problem>")."""
+    lines = [ln for ln in message.strip().splitlines() if ln.strip()]
+    if len(lines) > 1 and lines[0].startswith("Caught "):
+        last = lines[-1]
+        for prefix in (f"lowlabel.errors.{name}: ", f"{name}: "):
+            if last.startswith(prefix):
+                return last[len(prefix):]
+    return message

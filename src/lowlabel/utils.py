@@ -35,6 +35,36 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     return path
 
 
+def remove_orphan_temps(*folders: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files (``.<name>.<pid>.tmp``) that atomic writes of a killed process
+    left in ``folders`` (not recursive); files of a process still running are kept."""
+    removed = []
+    for folder in folders:
+        folder = Path(folder)
+        if not folder.is_dir():
+            continue
+        for p in folder.glob(".*.tmp"):
+            pid = p.name[: -len(".tmp")].rsplit(".", 1)[-1]
+            if not pid.isdigit() or _alive(int(pid)):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+                removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _json_default(o):
     if hasattr(o, "tolist"):
         return o.tolist()

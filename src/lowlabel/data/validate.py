@@ -46,6 +46,8 @@ def validate_dataset(
     splits: Sequence[str] | None = None,
     extra_split_files: Sequence[str | Path] = (),
     read_pixels: bool = True,
+    only_listed: bool = False,
+    cache: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> Report:
     """Check ``root`` and return a :class:`Report` listing every problem.
@@ -53,8 +55,10 @@ def validate_dataset(
     Checks: dataset.json parses and names classes; every split file's ids have an image; every
     image decodes (truncated files fail); every label map matches its image's size and holds
     only class ids in range or 255; no split named ``labeled`` (or given in
-    ``extra_split_files``) is empty. ``read_pixels=False`` skips decoding (fast guard used by
-    other commands before they start).
+    ``extra_split_files``) is empty. ``read_pixels=False`` skips decoding. ``only_listed``
+    decodes only the images the checked split files list (what a command will touch);
+    ``cache`` skips images whose files (image and labels) have the size and modification time
+    they had when they last passed (see :func:`_verdict_cache`).
     """
     root = Path(root)
     problems: list[Problem] = []
@@ -71,12 +75,14 @@ def validate_dataset(
     split_files += [Path(p) for p in extra_split_files]
     if not split_files:
         problems.append(Problem(str(split_dir), "no split files (train.txt, val.txt, test.txt)"))
+    listed: set[str] = set()
     for sf in split_files:
         try:
             ids = read_ids(sf)
         except DatasetError as err:
             problems.append(Problem(err.path, err.problem))
             continue
+        listed.update(ids)
         if not ids:
             what = "labeled set" if sf.stem == "labeled" else "split"
             problems.append(Problem(str(sf), f"empty {what}: no ids"))
@@ -98,15 +104,23 @@ def validate_dataset(
         for folder in info.weak_labels.values():
             label_dirs.append((str(folder).rstrip("/"), False))
         items = list(images.items())
+        if only_listed:
+            items = [(i, p) for i, p in items if i in listed]
+        passed, save = _verdict_cache(root, info.num_classes) if cache else ({}, None)
         for n, (sid, ipath) in enumerate(items):
             if progress:
                 progress(n, len(items))
+            sig = _signature(ipath, [root / folder / f"{sid}.png" for folder, _ in label_dirs]) if cache else None
+            if sig is not None and passed.get(sid) == sig:
+                checked += 1
+                continue
+            n_problems = len(problems)
             try:
                 img = read_image(ipath)
             except DatasetError as err:
                 problems.append(Problem(err.path, err.problem))
                 continue
-            checked += 1
+            checked += 1  # counted as checked once decoded; label problems are listed below
             h, w = img.shape[:2]
             for folder, sixteen in label_dirs:
                 lpath = root / folder / f"{sid}.png"
@@ -124,8 +138,12 @@ def validate_dataset(
                             class_pixels[-1] += counts[255]
                 except DatasetError as err:
                     problems.append(Problem(err.path, err.problem))
+            if cache and len(problems) == n_problems:
+                passed[sid] = sig
         if progress:
             progress(len(items), len(items))
+        if save is not None:
+            save(passed)
         for lbl_dir, _ in label_dirs:
             d = root / lbl_dir
             if d.is_dir():
@@ -135,10 +153,55 @@ def validate_dataset(
     return Report(info, problems, checked, class_pixels if read_pixels else None)
 
 
-def require_valid(root: str | Path, *, extra_split_files: Sequence[str | Path] = ()) -> DatasetInfo:
-    """Fast guard for commands that read data: raise :class:`DatasetError` listing all problems."""
-    report = validate_dataset(root, extra_split_files=extra_split_files, read_pixels=False)
+def _signature(image: Path, labels: Sequence[Path]) -> str:
+    """Size and modification time of an image and of the label files it has."""
+    parts = []
+    for p in (image, *labels):
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            parts.append("-")
+            continue
+        parts.append(f"{st.st_size}:{st.st_mtime_ns}")
+    return "|".join(parts)
+
+
+def _verdict_cache(root: Path, num_classes: int):
+    """(ids that passed -> their files' signature, save function) for a dataset folder, kept in
+    ``$LOWLABEL_CACHE`` (default ``~/.cache/lowlabel``)/checked/. Only passes are cached, so a
+    problem is reported on every run until it is fixed. An unwritable cache folder is skipped."""
+    import hashlib
+    import json
+    import os
+
+    base = Path(os.environ.get("LOWLABEL_CACHE") or Path.home() / ".cache" / "lowlabel")
+    key = hashlib.sha1(f"{root.resolve()}|{num_classes}".encode()).hexdigest()[:16]
+    path = base / "checked" / f"{key}.json"
+    try:
+        passed = json.loads(path.read_text())["passed"]
+    except (OSError, ValueError, KeyError, TypeError):
+        passed = {}
+
+    def save(verdicts: dict) -> None:
+        from ..utils import atomic_write_json
+
+        try:
+            atomic_write_json(path, {"root": str(root.resolve()), "num_classes": num_classes, "passed": verdicts})
+        except OSError:
+            pass
+
+    return passed, save
+
+
+def require_valid(root: str | Path, *, splits: Sequence[str] | None = None, extra_split_files: Sequence[str | Path] = (), read_pixels: bool = False) -> DatasetInfo:
+    """The guard a command runs before it writes anything: raise :class:`DatasetError` listing
+    every problem. ``read_pixels`` decodes every image (and its labels) that the named
+    ``splits`` and ``extra_split_files`` list, with verdicts cached by file size and time."""
+    report = validate_dataset(root, splits=splits, extra_split_files=extra_split_files, read_pixels=read_pixels, only_listed=read_pixels, cache=read_pixels)
     if not report.ok:
-        lines = "\n  ".join(str(p) for p in report.problems)
-        raise DatasetError(None, f"dataset {root} has {len(report.problems)} problem(s):\n  {lines}")
+        if len(report.problems) == 1:
+            raise DatasetError(None, f"dataset {root}: {report.problems[0]}")
+        lines = "\n  ".join(str(p) for p in report.problems[:20])
+        more = f"\n  ... and {len(report.problems) - 20} more (lowlabel validate {root})" if len(report.problems) > 20 else ""
+        raise DatasetError(None, f"dataset {root} has {len(report.problems)} problems:\n  {lines}{more}")
     return report.info

@@ -9,6 +9,7 @@ import torch
 
 from ..config import Config, EvalConfig
 from ..data.dataset import IMAGE_EXTENSIONS, DatasetError, DatasetInfo, FolderDataset, write_label
+from ..data.validate import require_valid
 from ..data.tiling import WindowReader, open_reader
 from ..eval.inference import Prediction, for_eval, sliding_window
 from ..models import build_model
@@ -82,7 +83,7 @@ class Run:
         root = data or self.data_root
         if root is None:
             raise ValueError("give the dataset folder (--data)")
-        info = DatasetInfo.load(root)
+        info = require_valid(root, splits=[split], read_pixels=True)
         if info.num_classes != self.num_classes:
             raise DatasetError(root, f"dataset has {info.num_classes} classes, the model {self.num_classes}")
         ds = FolderDataset(root, split, labeled=True, info=info)

@@ -36,13 +36,13 @@ import torch.distributed as dist
 
 from ..config import Config, dump_config
 from ..data.dataset import DatasetError
-from ..errors import CheckpointError, DivergenceError, RunExistsError
+from ..errors import CheckpointError, ConfigError, DivergenceError, RunExistsError
 from ..data.validate import require_valid
 from ..eval.inference import for_eval, sliding_window
 from ..eval.metrics import Scores
 from ..methods import StepContext, build_method, get_method_class
 from ..models import build_model
-from ..utils import atomic_torch_save, atomic_write_json, atomic_write_text, console, progress_bar, resolve_device
+from ..utils import atomic_torch_save, atomic_write_json, atomic_write_text, console, progress_bar, remove_orphan_temps, resolve_device
 from .data import Stream, build_sets
 from .optim import build_optimizer, set_lr
 from .teachers import Teacher
@@ -170,7 +170,11 @@ class Trainer:
                 f"{self.run_dir} already holds a run; resume it with `lowlabel fit --resume {self.run_dir}` "
                 f"or choose another name (--set name=...)"
             )
-        self.info = require_valid(cfg.data.root)
+        d = cfg.data  # every split the run touches, pixels included, before anything is written
+        self.info = require_valid(
+            d.root, splits=[s for s in (d.train_split, d.val_split, d.test_split) if s],
+            extra_split_files=[f for f in (d.labeled, d.unlabeled) if f and f.endswith(".txt")], read_pixels=True,
+        )
         if self.info.task not in ("semantic", "instance"):
             raise DatasetError(cfg.data.root, f"task {self.info.task!r} cannot be trained by `fit`")
         self.num_classes = self.info.num_classes
@@ -211,6 +215,8 @@ class Trainer:
         self.best = {"value": -1.0, "iteration": None, "metrics": None}
         self._evaluated = None  # (iteration, network) of the last evaluation_model()
         if resume:
+            if self.is_main:
+                remove_orphan_temps(self.run_dir, self.ckpt_dir, self.run_dir / "splits")
             self._load(self.ckpt_dir / "last.pt")
         elif self.is_main:
             self._prepare_run_dir()
@@ -301,6 +307,8 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         self.iteration = int(state["iteration"])
+        if self.total < self.iteration:
+            raise ConfigError(f"{path}: train.iterations={self.total} is below the {self.iteration} iterations this run has trained; a resume can only extend it")
         self.best = state["best"]
         if "miou" in self.best:  # checkpoints of lowlabel < 0.2 selected on mIoU
             self.best = {"value": self.best["miou"], "iteration": self.best["iteration"], "metrics": None}
@@ -364,7 +372,7 @@ class Trainer:
         loss = out.losses["loss"]
         if not torch.isfinite(loss):
             raise DivergenceError(
-                f"loss is {loss.item()} at iteration {self.iteration} ({ {k: float(v) for k, v in out.losses.items()} }); "
+                f"loss is {loss.detach().item()} at iteration {self.iteration} ({ {k: float(v) for k, v in out.losses.items()} }); "
                 "lower optim.lr or check the labels"
             )
         every = cfg.train.grad_norm_every

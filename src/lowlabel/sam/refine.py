@@ -26,7 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from ..data.dataset import IGNORE_INDEX, DatasetInfo, read_ids, read_image, read_label, write_label
+from ..errors import ConfigError
 from ..eval.metrics import ConfusionMatrix
+from ..utils import remove_orphan_temps
 from .base import PromptableSegmenter, Prompts
 from .prompts import instances, sample_points, select_mask
 
@@ -139,21 +141,35 @@ class LabelQuality:
 def refine_dataset(
     root: str | os.PathLike, out: str | os.PathLike, segmenter: PromptableSegmenter, settings: RefineSettings, *,
     weak_folder: str, split: str = "train", seed: int = 0, cache=None, progress=None, limit: int | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Refine the weak labels in ``root/weak_folder`` for the ids of ``split``; write
     ``out/masks/<id>.png``, ``out/confidence/<id>.png`` (0-255) and ``out/manifest.json``.
-    Resumable: images whose mask and confidence exist are skipped. Returns the manifest."""
+    Resumable: images whose mask and confidence exist are skipped. The manifest records the
+    settings; a rerun into the same ``out`` with other settings is refused (``ConfigError``)
+    unless ``overwrite``, which deletes the earlier images first. Returns the manifest."""
     root, out = Path(root), Path(out)
     info = DatasetInfo.load(root)
     ids = read_ids(root / "splits" / f"{split}.txt")[:limit]
-    (out / "masks").mkdir(parents=True, exist_ok=True)
-    (out / "confidence").mkdir(parents=True, exist_ok=True)
     mpath = out / "manifest.json"
     manifest = json.loads(mpath.read_text()) if mpath.exists() else {}
-    manifest.update({
+    recipe = {
         "backend": segmenter.name, "weights": segmenter.weights_id, "transform": segmenter.transform_id,
         "settings": asdict(settings), "seed": seed, "dataset": str(root), "weak_folder": weak_folder, "split": split,
-    })
+    }
+    differ = [k for k in recipe if k in manifest and json.loads(json.dumps(manifest[k])) != json.loads(json.dumps(recipe[k]))]
+    if differ and manifest.get("images") and not overwrite:
+        shown = ", ".join(f"{k} ({manifest[k]!r} -> {recipe[k]!r})" for k in differ)
+        raise ConfigError(f"{out}: refined before with other settings: {shown}; choose another --out, or --overwrite to replace its {len(manifest['images'])} image(s)")
+    if differ or overwrite:
+        for sid in manifest.get("images", {}):
+            for folder in ("masks", "confidence"):
+                (out / folder / f"{sid}.png").unlink(missing_ok=True)
+        manifest = {}
+    remove_orphan_temps(out, out / "masks", out / "confidence")
+    (out / "masks").mkdir(parents=True, exist_ok=True)
+    (out / "confidence").mkdir(parents=True, exist_ok=True)
+    manifest.update(recipe)
     manifest.setdefault("images", {})
     from ..data.dataset import index_images
 
