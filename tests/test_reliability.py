@@ -257,3 +257,11 @@ def test_refine_rerun_with_other_settings(tiny_dataset, tmp_path, capsys):
     import json
 
     assert json.loads((out / "manifest.json").read_text())["settings"]["selection"] == "score"
+
+
+@pytest.mark.parametrize("damage", [_truncated_image, _zero_byte_image])
+def test_predict_checks_every_input_before_writing(tiny_dataset, tmp_path, capsys, trained_run, damage):
+    name = damage(tiny_dataset)
+    assert main(["predict", str(trained_run), str(tiny_dataset / "images"), "--out", str(tmp_path / "pred")]) == 2
+    _one_line_error(capsys, name)
+    assert not (tmp_path / "pred").exists()

@@ -121,6 +121,24 @@ def _open(path: Path) -> Image.Image:
     return img
 
 
+def check_image_file(path: str | os.PathLike) -> None:
+    """Refuse (``DatasetError``) an image file that is empty, not an image or visibly damaged,
+    without decoding its pixels: PIL's ``verify`` reads the file's structure (PNG chunk CRCs,
+    so a truncated PNG fails). Commands that write one output per input run it over all inputs
+    first, so a bad file found late does not leave half the outputs written."""
+    path = Path(path)
+    Image.MAX_IMAGE_PIXELS = _MAX_PIXELS
+    if path.is_file() and path.stat().st_size == 0:
+        raise DatasetError(path, "empty file (0 bytes)")
+    try:
+        with Image.open(path) as img:
+            img.verify()
+    except FileNotFoundError:
+        raise DatasetError(path, "file not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise DatasetError(path, f"unreadable or truncated image ({err})") from None
+
+
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """An image as uint8 [H, W, 3]; grey and palette images are expanded to RGB."""
     img = _open(Path(path))

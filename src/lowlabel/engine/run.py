@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ..config import Config, EvalConfig
-from ..data.dataset import IMAGE_EXTENSIONS, DatasetError, DatasetInfo, FolderDataset, write_label
+from ..data.dataset import IMAGE_EXTENSIONS, DatasetError, check_image_file, DatasetInfo, FolderDataset, write_label
 from ..data.validate import require_valid
 from ..data.tiling import WindowReader, open_reader
 from ..eval.inference import Prediction, for_eval, sliding_window
@@ -105,6 +105,8 @@ class Run:
         files = [images] if images.is_file() else sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
         if not files:
             raise FileNotFoundError(f"{images}: no images ({', '.join(IMAGE_EXTENSIONS)})")
+        for f in files:  # every input checked before the first output is written
+            check_image_file(f)
         written = []
         with progress_bar("predicting", len(files), enabled=progress) as adv:
             for f in files:

@@ -372,7 +372,7 @@ class Trainer:
         loss = out.losses["loss"]
         if not torch.isfinite(loss):
             raise DivergenceError(
-                f"loss is {loss.detach().item()} at iteration {self.iteration} ({ {k: float(v) for k, v in out.losses.items()} }); "
+                f"loss is {loss.detach().item()} at iteration {self.iteration} ({ {k: float(v.detach()) for k, v in out.losses.items()} }); "
                 "lower optim.lr or check the labels"
             )
         every = cfg.train.grad_norm_every
