@@ -265,3 +265,43 @@ def test_predict_checks_every_input_before_writing(tiny_dataset, tmp_path, capsy
     assert main(["predict", str(trained_run), str(tiny_dataset / "images"), "--out", str(tmp_path / "pred")]) == 2
     _one_line_error(capsys, name)
     assert not (tmp_path / "pred").exists()
+
+
+def test_kill_9_and_resume_is_exact(tmp_path):
+    """A UniMatch run killed with SIGKILL at a random moment (maybe while writing a checkpoint)
+    resumes to the same weights as the run never interrupted."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from .conftest import make_dataset
+
+    data = make_dataset(tmp_path / "d", n=12)
+    raw = tiny_config(data, tmp_path / "runs", "unimatch", "self", iterations=20)
+    raw["train"].update(checkpoint_every=1, val_every=5)
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({**raw, "name": name}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "lowlabel.cli", "fit", "--quiet", "-c"]
+    subprocess.run(cmd + [str(tmp_path / "a.yaml")], check=True, env=env, capture_output=True)
+    proc = subprocess.Popen(cmd + [str(tmp_path / "b.yaml")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = tmp_path / "runs" / "b" / "checkpoints" / "last.pt"
+    deadline = time.time() + 120
+    while not last.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = torch.load(last, weights_only=True)["iteration"]
+    assert 1 <= killed_at < 20
+    r = subprocess.run([sys.executable, "-m", "lowlabel.cli", "fit", "--quiet", "--resume", str(tmp_path / "runs" / "b")], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    a = torch.load(tmp_path / "runs" / "a" / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(last, weights_only=True)
+    assert b["iteration"] == 20
+    for k, v in a["student"].items():
+        assert torch.equal(v, b["student"][k]), (k, killed_at)
+    assert not list((tmp_path / "runs" / "b").rglob("*.tmp"))
