@@ -7,7 +7,7 @@ from lowlabel.augment.transforms import LabeledTransform, UnlabeledTransform, cr
 def _sample(h=40, w=60):
     mask = (torch.arange(w) // 10).repeat(h, 1) % 3
     img = torch.stack([mask.float() / 2, torch.zeros(h, w), torch.ones(h, w)])
-    return {"image": img, "mask": mask.long(), "scribble": mask.long(), "id": "x"}
+    return {"image": img, "mask": mask.long(), "gt": mask.long(), "id": "x"}
 
 
 def test_weak_moves_labels_with_pixels():
@@ -20,7 +20,7 @@ def test_weak_moves_labels_with_pixels():
         cls = (out["image"][0] * 2).round().long()
         agree = (cls[v] == out["mask"][v]).float().mean()
         assert agree > 0.9
-        assert torch.equal(out["mask"], out["scribble"])
+        assert torch.equal(out["mask"], out["gt"])
 
 
 def test_augment_is_seeded():

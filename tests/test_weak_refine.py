@@ -1,13 +1,22 @@
 import json
+import shutil
 
 import numpy as np
 import pytest
+import torch
+from PIL import Image
 
-from lowlabel.data.dataset import FolderDataset, read_label
+from lowlabel.api import fit
+from lowlabel.config import load_config
+from lowlabel.data.dataset import DatasetError, FolderDataset, read_label
 from lowlabel.data.weak import annotation_hours, simulate, weaken_dataset
 from lowlabel.sam import build_segmenter
 from lowlabel.sam.cache import EmbeddingCache
+from lowlabel.engine.trainer import Trainer
+from lowlabel.errors import ConfigError
 from lowlabel.sam.refine import LabelQuality, RefineSettings, refine_dataset, refine_image
+
+from .conftest import tiny_config
 
 
 def _mask():
@@ -47,11 +56,14 @@ def test_weaken_dataset_reads_like_real_scribbles(tiny_dataset, tmp_path):
     out = weaken_dataset(tiny_dataset, "scribble", tmp_path / "weak", seed=1, min_region=4)
     meta = json.loads((out / "dataset.json").read_text())
     assert meta["weak_labels"] == {"scribbles": "scribbles/"}
+    train = (tiny_dataset / "splits" / "train.txt").read_text().split()
+    # the weakened split has no dense masks in the new dataset; val and test keep theirs
+    assert sorted(p.stem for p in (out / "masks").glob("*.png")) == ["img04", "img05"]
     ds = FolderDataset(out, "train", weak="scribbles")
     s = ds[0]
-    assert s["scribble"].shape == s["mask"].shape
-    lab = s["scribble"] != 255
-    assert lab.any() and (s["scribble"][lab] == s["mask"][lab]).all()
+    dense = torch.from_numpy(np.array(Image.open(tiny_dataset / "masks" / f"{train[0]}.png"))).long()
+    lab = s["mask"] != 255  # the training target is the scribble map itself
+    assert lab.any() and lab.float().mean() < 0.5 and (s["mask"][lab] == dense[lab]).all()
     before = (out / "scribbles" / "img00.png").stat().st_mtime
     weaken_dataset(tiny_dataset, "scribble", tmp_path / "weak", seed=1, min_region=4)  # resumable: kept
     assert (out / "scribbles" / "img00.png").stat().st_mtime == before
@@ -61,9 +73,50 @@ def test_weaken_dataset_reads_like_real_scribbles(tiny_dataset, tmp_path):
 def test_real_acdc_scribbles_read_like_simulated(shared_datasets):
     ds = FolderDataset(shared_datasets / "acdc-scribbles", "train", weak="scribbles")
     s = ds[0]
-    lab = s["scribble"] != 255
-    assert lab.any() and s["scribble"].shape == s["mask"].shape
-    assert (s["scribble"][lab] < 4).all()
+    lab = s["mask"] != 255
+    assert lab.any() and lab.float().mean() < 0.2
+    assert (s["mask"][lab] < 4).all()
+
+
+def _with_scribbles(src, dst):
+    """A copy of a dataset with simulated scribbles beside its dense masks (as acdc-scribbles)."""
+    shutil.copytree(src, dst)
+    for p in sorted((dst / "masks").glob("*.png")):
+        weak = simulate(np.array(Image.open(p)), "scribble", 3, np.random.default_rng(0), min_region=4)
+        (dst / "scribbles").mkdir(exist_ok=True)
+        Image.fromarray(weak).save(dst / "scribbles" / p.name)
+    meta = json.loads((dst / "dataset.json").read_text())
+    (dst / "dataset.json").write_text(json.dumps({**meta, "weak_labels": {"scribbles": "scribbles/"}}))
+    return dst
+
+
+@pytest.mark.parametrize("method,teacher", [("pce", "none"), ("fixmatch", "ema")])
+def test_weak_runs_never_read_dense_train_masks(tiny_dataset, tmp_path, method, teacher):
+    """The leak test: training with weak labels gives the same steps with every train mask
+    deleted, and not the steps of training on the dense masks."""
+    with_masks = _with_scribbles(tiny_dataset, tmp_path / "with")
+    without = tmp_path / "without"
+    shutil.copytree(with_masks, without)
+    for i in (without / "splits" / "train.txt").read_text().split():
+        (without / "masks" / f"{i}.png").unlink()
+    runs = {}
+    for name, root, weak in (("with", with_masks, "scribbles"), ("without", without, "scribbles"), ("dense", with_masks, None)):
+        raw = tiny_config(root, tmp_path / f"runs-{name}", method, teacher, iterations=3, data={"weak": weak})
+        if weak is None:
+            raw["method"]["name"] = "supervised" if method == "pce" else method
+        fit(load_config(raw=raw), progress=False)
+        runs[name] = [json.loads(l) for l in (tmp_path / f"runs-{name}" / raw["name"] / "metrics.jsonl").read_text().splitlines() if '"val"' not in l]
+    assert [r["loss"] for r in runs["with"]] == [r["loss"] for r in runs["without"]]
+    assert [r["loss"] for r in runs["with"]] != [r["loss"] for r in runs["dense"]]
+
+
+def test_weak_config_errors(tiny_dataset, tmp_path):
+    out = weaken_dataset(tiny_dataset, "point", tmp_path / "w")
+    with pytest.raises(DatasetError, match="data.weak"):  # no dense train masks: the hint names the weak folder
+        Trainer(load_config(raw=tiny_config(out, tmp_path / "r1", "supervised", "none")), progress=False)
+    with pytest.raises(ConfigError, match="data.weak"):
+        Trainer(load_config(raw=tiny_config(tiny_dataset, tmp_path / "r2", "pce", "none")), progress=False)
+    assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()
 
 
 def _scene():

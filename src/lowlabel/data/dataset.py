@@ -10,8 +10,11 @@ Layout (see ``../shared/datasets/README.md``)::
     <root>/splits/<name>.txt     one id per line
 
 A *sample* is a plain dict: ``image`` float32[3,H,W] in [0, 1], ``mask`` int64[H,W]
-(``IGNORE_INDEX`` where unknown), ``id`` str, and optionally ``scribble`` int64[H,W] and
-``instances`` int64[H,W]. Unlabeled samples have no ``mask`` at all.
+(``IGNORE_INDEX`` where unknown), ``id`` str, and optionally ``instances`` int64[H,W] and ``gt``
+(an unlabeled image's dense mask, for diagnostics only). Unlabeled samples have no ``mask``.
+``mask`` is the training target and the only label a loss reads: with weak labels
+(``weak="scribbles"``) it *is* the weak label map (255 where nothing is annotated), and the dense
+mask of that image is not read at all, so weak training works with the dense masks deleted.
 """
 
 from __future__ import annotations
@@ -214,8 +217,9 @@ class FolderDataset(torch.utils.data.Dataset):
         ids: sample ids, or the name of a split file in ``splits/`` (e.g. ``"train"``).
         labeled: read ``masks/`` (and ``instances/`` for instance datasets). Unlabeled samples
             need no mask file at all.
-        weak: also read a weak label folder (``"scribbles"`` or a folder named in
-            ``dataset.json``'s ``weak_labels``) into ``sample["scribble"]``.
+        weak: read the labeled images' ``mask`` from this weak label folder (``"scribbles"`` or a
+            name in ``dataset.json``'s ``weak_labels``) instead of ``masks/``, which is then
+            never read for them.
         diagnostic_gt: for unlabeled samples, load the mask (when the file exists) into
             ``sample["gt"]`` — used only to *measure* pseudo-label accuracy, never in a loss.
         transform: called on the sample dict; receives ``(sample, rng)`` when it accepts two
@@ -242,6 +246,8 @@ class FolderDataset(torch.utils.data.Dataset):
         self.ids = list(ids)
         self.labeled = labeled
         self.weak = weak
+        if weak is not None and self.info.task != "semantic":
+            raise DatasetError(self.root, f"weak labels train semantic segmentation; this dataset's task is {self.info.task!r}")
         self.diagnostic_gt = diagnostic_gt and not labeled and self.info.task == "semantic"
         self.transform = transform
         self.seed = seed
@@ -268,6 +274,15 @@ class FolderDataset(torch.utils.data.Dataset):
             return None
         return str(self.info.weak_labels.get(self.weak, self.weak)).rstrip("/")
 
+    def label_file(self, sid: str) -> tuple[str, Path, bool]:
+        """(sample key, file, 16-bit) of a labeled image's training target: the weak label map
+        with ``weak``, else the mask (or the instance map of an instance dataset)."""
+        if self.weak_folder():
+            return ("mask", self.root / self.weak_folder() / f"{sid}.png", False)
+        if self.info.task == "instance":
+            return ("instances", self.root / "instances" / f"{sid}.png", True)
+        return ("mask", self.root / "masks" / f"{sid}.png", False)
+
     def load(self, index: int) -> dict:
         """The untransformed sample: uint8 image [H,W,3] and integer label maps [H,W] as numpy."""
         sid = self.ids[index]
@@ -276,14 +291,9 @@ class FolderDataset(torch.utils.data.Dataset):
         h, w = sample["image"].shape[:2]
         labels: list[tuple[str, Path, bool]] = []
         if self.labeled:
-            if self.info.task == "instance":
-                labels.append(("instances", self.root / "instances" / f"{sid}.png", True))
-            else:
-                labels.append(("mask", self.root / "masks" / f"{sid}.png", False))
+            labels.append(self.label_file(sid))
         if self.diagnostic_gt and (self.root / "masks" / f"{sid}.png").exists():
             labels.append(("gt", self.root / "masks" / f"{sid}.png", False))
-        if self.weak_folder():
-            labels.append(("scribble", self.root / self.weak_folder() / f"{sid}.png", False))
         for key, path, sixteen in labels:
             arr = read_label(path, sixteen_bit=sixteen)
             if arr.shape != (h, w):

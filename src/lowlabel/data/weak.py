@@ -88,8 +88,11 @@ def simulate(mask: np.ndarray, kind: str, num_classes: int, rng: np.random.Gener
 
 def weaken_dataset(root: str | os.PathLike, kind: str, out: str | os.PathLike, *, seed: int = 0, split: str = "train", progress=None, **kwargs) -> Path:
     """Write a folder dataset at ``out`` whose ``dataset.json`` names the simulated weak labels
-    (``weak_labels: {<folder>: <folder>/}``); images, masks and splits are linked to the source
-    (never copied or modified). Resumable: existing weak label files are kept. Seeded per image id."""
+    (``weak_labels: {<folder>: <folder>/}``) and whose images of ``split`` carry weak labels only:
+    ``masks/`` links the dense masks of the *other* images (val, test) one file at a time, never
+    those of ``split``, so a run on ``out`` cannot read a dense training mask. Images and splits
+    are linked to the source (never copied or modified). Resumable: existing weak label files are
+    kept. Seeded per image id."""
     root, out = Path(root), Path(out)
     info = DatasetInfo.load(root)
     if info.task != "semantic":
@@ -97,13 +100,24 @@ def weaken_dataset(root: str | os.PathLike, kind: str, out: str | os.PathLike, *
     ids = read_ids(root / "splits" / f"{split}.txt")
     folder = FOLDERS[kind]
     (out / folder).mkdir(parents=True, exist_ok=True)
-    for name in ("images", "masks", "splits", "instances"):
+    for name in ("images", "splits"):
         src, dst = root / name, out / name
         if src.exists() and not dst.exists():
             dst.symlink_to(src.resolve(), target_is_directory=True)
+    masks = out / "masks"
+    if masks.is_symlink():  # made by an earlier lowlabel, which linked every dense mask
+        masks.unlink()
+    masks.mkdir(exist_ok=True)
+    weakened = set(ids)
+    for src in sorted((root / "masks").glob("*.png")):
+        dst = masks / src.name
+        if src.stem in weakened:
+            dst.unlink(missing_ok=True)
+        elif not dst.exists():
+            dst.symlink_to(src.resolve())
     meta = json.loads((root / "dataset.json").read_text())
     meta["weak_labels"] = {**meta.get("weak_labels", {}), folder: f"{folder}/"}
-    meta["notes"] = (meta.get("notes", "") + f" Weak labels '{folder}/' simulated by `lowlabel weaken --kind {kind} --seed {seed}` from the dense masks of split '{split}'.").strip()
+    meta["notes"] = (meta.get("notes", "") + f" Weak labels '{folder}/' simulated by `lowlabel weaken --kind {kind} --seed {seed}` from the dense masks of split '{split}', whose dense masks are left out of masks/.").strip()
     tmp = out / f".dataset.json.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(meta, indent=2))
     os.replace(tmp, out / "dataset.json")

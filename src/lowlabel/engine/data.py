@@ -72,6 +72,11 @@ def _splits_holding(root: Path, ids: list[str], exclude: str) -> str:
 def build_sets(cfg: DataConfig, n_strong: int, seed: int, need_unlabeled: bool):
     labeled_ids, unlabeled_ids = resolve_split(cfg)
     lab = FolderDataset(cfg.root, labeled_ids, labeled=True, weak=cfg.weak, transform=LabeledTransform(cfg.crop, tuple(cfg.scale), cfg.base_size, cfg.resize, cfg.rotate), seed=seed)
+    missing = [i for i in labeled_ids if not lab.label_file(i)[1].is_file()]
+    if missing:
+        folder = lab.label_file(missing[0])[1].parent
+        hint = "" if cfg.weak else f"; for weak labels set data.weak to one of {sorted(lab.info.weak_labels)}" if lab.info.weak_labels else ""
+        raise DatasetError(folder, f"{len(missing)} labeled id(s) have no label file here, e.g. {', '.join(missing[:3])}{hint}")
     unl = None
     if need_unlabeled:
         if not unlabeled_ids:

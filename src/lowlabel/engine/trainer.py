@@ -179,6 +179,8 @@ class Trainer:
             raise DatasetError(cfg.data.root, f"task {self.info.task!r} cannot be trained by `fit`")
         self.num_classes = self.info.num_classes
         mcls = get_method_class(cfg.method.name)
+        if mcls.needs_weak and not cfg.data.weak:
+            raise ConfigError(f"method {cfg.method.name!r} trains on weak labels: set data.weak (this dataset has {sorted(self.info.weak_labels) or 'none'})")
         seed_everything(cfg.train.seed)
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)

@@ -6,11 +6,12 @@ from .base import Method, MethodParams, StepContext, StepOutput
 from .derprop import DerProp
 from .fixmatch import FixMatch
 from .regionmatch import RegionMatch
-from .supervised import Supervised
+from .supervised import PartialCE, Supervised
 from .unimatch import UniMatch
 
 METHODS: dict[str, type[Method]] = {
     "supervised": Supervised,
+    "pce": PartialCE,
     "fixmatch": FixMatch,
     "unimatch": UniMatch,
     "regionmatch": RegionMatch,

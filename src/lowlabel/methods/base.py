@@ -75,6 +75,7 @@ class Method(nn.Module, abc.ABC):
     uses_unlabeled: ClassVar[bool] = False
     n_strong: ClassVar[int] = 0  # strong views each unlabeled sample needs
     default_teacher: ClassVar[str] = "none"
+    needs_weak: ClassVar[bool] = False  # trains on weak labels only (data.weak must be set)
 
     def __init__(self, params: MethodParams | dict | None = None, *, num_classes: int, model=None):
         super().__init__()
