@@ -55,7 +55,7 @@ def test_evaluate_prediction_folder(tiny_dataset, tmp_path, capsys):
 def test_weaken_refine_weights_commands(tiny_dataset, tmp_path, capsys):
     assert main(["weaken", str(tiny_dataset), "--kind", "coarse", "--out", str(tmp_path / "w"), "--quiet"]) == 0
     assert main(["refine", str(tmp_path / "w"), "--weak", "coarse", "--out", str(tmp_path / "r"), "--limit", "1"]) == 0
-    assert (tmp_path / "r" / "masks" / "img00.png").exists()
+    assert (tmp_path / "r" / "refined" / "img00.png").exists()
     assert main(["weights", "list"]) == 0
     assert "sam_vit_b" in capsys.readouterr().out
     assert main(["refine", str(tmp_path / "w"), "--weak", "coarse", "--out", str(tmp_path / "r2"), "--backend", "sam", "--checkpoint", str(tmp_path / "none.pth")]) == 2

@@ -248,11 +248,11 @@ def test_refine_rerun_with_other_settings(tiny_dataset, tmp_path, capsys):
     out = tmp_path / "r"
     base = ["refine", str(tmp_path / "w"), "--weak", "coarse", "--out", str(out), "--limit", "2"]
     assert main(base) == 0
-    before = (out / "masks" / "img00.png").read_bytes()
+    before = (out / "refined" / "img00.png").read_bytes()
     capsys.readouterr()
     assert main(base + ["--selection", "score"]) == 2
     _one_line_error(capsys, str(out), "selection", "--overwrite")
-    assert (out / "masks" / "img00.png").read_bytes() == before
+    assert (out / "refined" / "img00.png").read_bytes() == before
     assert main(base + ["--selection", "score", "--overwrite"]) == 0
     import json
 

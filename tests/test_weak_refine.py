@@ -168,8 +168,45 @@ def test_refine_dataset_writes_manifest_and_resumes(tiny_dataset, tmp_path):
     cache = EmbeddingCache(tmp_path / "cache")
     man = refine_dataset(weak, tmp_path / "ref", seg, RefineSettings(), weak_folder="coarse", cache=cache, limit=2)
     assert set(man["images"]) == {"img00", "img01"} and man["backend"] == "classical" and man["settings"]["sampler"] == "skeleton"
-    lab = read_label(tmp_path / "ref" / "masks" / "img00.png")
+    lab = read_label(tmp_path / "ref" / "refined" / "img00.png")
     assert lab.shape == (48, 64) and (tmp_path / "ref" / "confidence" / "img00.png").exists()
     assert cache.misses == 2
     refine_dataset(weak, tmp_path / "ref", seg, RefineSettings(), weak_folder="coarse", cache=cache, limit=2)
     assert cache.misses == 2 and cache.hits == 0  # finished images are skipped, not recomputed
+
+
+def test_refine_output_is_a_dataset_fit_trains_on(tiny_dataset, tmp_path):
+    from lowlabel.cli import main
+
+    weak = weaken_dataset(tiny_dataset, "coarse", tmp_path / "w")
+    out = tmp_path / "r"
+    assert main(["refine", str(weak), "--weak", "coarse", "--out", str(out)]) == 0
+    meta = json.loads((out / "dataset.json").read_text())
+    assert meta["weak_labels"]["refined"] == "refined/" and meta["weak_confidence"] == {"refined": "confidence/"}
+    assert sorted(p.stem for p in (out / "masks").glob("*.png")) == ["img04", "img05"]  # no dense train mask
+    plain = FolderDataset(out, "train", weak="refined")[0]
+    weighted = FolderDataset(out, "train", weak="refined", confidence="weight")[0]
+    ignored = FolderDataset(out, "train", weak="refined", confidence="ignore", min_confidence=0.99)[0]
+    conf = torch.from_numpy(np.array(Image.open(out / "confidence" / "img00.png"))).long()
+    assert torch.equal(weighted["weight"], conf) and torch.equal(weighted["mask"], plain["mask"])
+    low = conf < round(0.99 * 255)
+    assert low.any() and (ignored["mask"][low] == 255).all() and torch.equal(ignored["mask"][~low], plain["mask"][~low])
+    for mode in ("none", "weight", "ignore"):
+        raw = tiny_config(out, tmp_path / f"runs-{mode}", "fixmatch", "ema", iterations=2, data={"weak": "refined", "weak_confidence": mode})
+        fit(load_config(raw=raw), progress=False)
+    with pytest.raises(DatasetError, match="confidence maps"):
+        FolderDataset(tiny_dataset, "train", weak=None, confidence="weight")
+
+
+def test_weighted_supervised_loss():
+    from lowlabel.methods.base import supervised_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 8, 8, generator=g)
+    mask = torch.randint(0, 3, (2, 8, 8), generator=g)
+    full = torch.full_like(mask, 255)
+    assert torch.allclose(supervised_loss(logits, mask, "ce", full), supervised_loss(logits, mask, "ce"))
+    half = full.clone()
+    half[:, :4] = 0  # zero weight == ignored
+    assert torch.allclose(supervised_loss(logits, mask, "ce", half), supervised_loss(logits, torch.where(half == 0, 255, mask), "ce"))
+    assert torch.allclose(supervised_loss(logits, mask, "ce_dice", half), supervised_loss(logits, torch.where(half == 0, 255, mask), "ce_dice"))

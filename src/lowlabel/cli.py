@@ -147,7 +147,8 @@ def _cmd_refine(args) -> int:
     cache = EmbeddingCache(args.cache) if args.cache else None
     with counting_progress(f"refine ({seg.name})") as prog:
         man = refine_dataset(args.dataset, args.out, seg, settings, weak_folder=folder, split=args.split, seed=args.seed, cache=cache, progress=prog, limit=args.limit, overwrite=args.overwrite)
-    print(f"{len(man['images'])} image(s) refined -> {args.out} (masks/, confidence/, manifest.json)")
+    print(f"{len(man['images'])} image(s) refined -> {args.out}, a dataset: train on it with data.root={args.out} data.weak=refined "
+          "(and data.weak_confidence=weight|ignore to use confidence/)")
     return 0
 
 

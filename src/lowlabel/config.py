@@ -32,7 +32,9 @@ class DataConfig(_Strict):
     labeled: str = Field("1", description="labeled part of the train split: a fraction ('1/8', '0.125'; '1' = all), a count (46), or a labeled.txt path")
     unlabeled: str | None = Field(None, description="unlabeled.txt path; default: the rest of the train split")
     split_seed: int = 0
-    weak: str | None = Field(None, description="weak label folder to load (e.g. 'scribbles')")
+    weak: str | None = Field(None, description="train on these weak labels instead of masks/ (a name in dataset.json's weak_labels, e.g. 'scribbles', 'refined')")
+    weak_confidence: Literal["none", "weight", "ignore"] = Field("none", description="with weak labels that have confidence maps (refine's): per-pixel loss weight, or ignore pixels below min_confidence")
+    min_confidence: float = Field(0.5, ge=0.0, le=1.0, description="data.weak_confidence=ignore: pixels below this confidence are ignored")
     crop: int = 256
     scale: tuple[float, float] = (0.5, 2.0)  # UniMatch: random rescale ratio range
     base_size: int | None = Field(None, description="long side before rescale; None keeps the image size")

@@ -4,6 +4,7 @@ Every function takes ``rng``, a ``numpy.random.Generator``; the dataset seeds it
 ``(seed, epoch, index)`` so a run is reproducible whatever the number of loader workers.
 
 Label maps move with the image: ``mask`` and ``gt`` (padding = 255, nearest resampling),
+``weight`` (per-pixel loss weights 0..255, padding = 0),
 ``instances`` (padding = 0), and ``valid`` (bool, False on padding) which is added by
 :func:`weak` so that unlabeled losses can skip padded pixels without a fake mask.
 """
@@ -20,7 +21,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from ..data.dataset import IGNORE_INDEX
 
-LABEL_KEYS = {"mask": IGNORE_INDEX, "instances": 0, "valid": 0, "gt": IGNORE_INDEX}
+LABEL_KEYS = {"mask": IGNORE_INDEX, "weight": 0, "instances": 0, "valid": 0, "gt": IGNORE_INDEX}
 
 
 def _labels(sample: dict) -> list[str]:

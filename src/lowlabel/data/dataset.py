@@ -53,6 +53,7 @@ class DatasetInfo:
     palette: tuple[tuple[int, int, int], ...]
     ignore_index: int = IGNORE_INDEX
     weak_labels: dict = field(default_factory=dict)
+    weak_confidence: dict = field(default_factory=dict)  # weak label name -> folder of 0-255 confidence PNGs
     source: str = ""
     license: str = ""
 
@@ -96,6 +97,7 @@ class DatasetInfo:
             palette=tuple(tuple(int(v) for v in c) for c in palette[: len(classes)]),
             ignore_index=ignore,
             weak_labels=dict(meta.get("weak_labels") or {}),
+            weak_confidence=dict(meta.get("weak_confidence") or {}),
             source=str(meta.get("source", "")),
             license=str(meta.get("license", "")),
         )
@@ -220,6 +222,10 @@ class FolderDataset(torch.utils.data.Dataset):
         weak: read the labeled images' ``mask`` from this weak label folder (``"scribbles"`` or a
             name in ``dataset.json``'s ``weak_labels``) instead of ``masks/``, which is then
             never read for them.
+        confidence: with ``weak`` labels that have confidence maps (``dataset.json``'s
+            ``weak_confidence``, written by ``refine``): ``"weight"`` adds ``sample["weight"]``
+            (0..255, a per-pixel loss weight), ``"ignore"`` sets pixels whose confidence is below
+            ``min_confidence`` to 255.
         diagnostic_gt: for unlabeled samples, load the mask (when the file exists) into
             ``sample["gt"]`` — used only to *measure* pseudo-label accuracy, never in a loss.
         transform: called on the sample dict; receives ``(sample, rng)`` when it accepts two
@@ -238,6 +244,8 @@ class FolderDataset(torch.utils.data.Dataset):
         seed: int = 0,
         info: DatasetInfo | None = None,
         diagnostic_gt: bool = False,
+        confidence: str = "none",
+        min_confidence: float = 0.5,
     ):
         self.info = info or DatasetInfo.load(root)
         self.root = Path(root)
@@ -248,6 +256,14 @@ class FolderDataset(torch.utils.data.Dataset):
         self.weak = weak
         if weak is not None and self.info.task != "semantic":
             raise DatasetError(self.root, f"weak labels train semantic segmentation; this dataset's task is {self.info.task!r}")
+        self.confidence, self.min_confidence = confidence, min_confidence
+        self.confidence_folder = None
+        if confidence != "none" and labeled:
+            folder = self.info.weak_confidence.get(weak) if weak else None
+            if folder is None:
+                raise DatasetError(self.root / "dataset.json", f"data.weak_confidence={confidence!r} needs weak labels with confidence maps "
+                                   f"(weak_confidence in dataset.json, written by `lowlabel refine`); data.weak is {weak!r}")
+            self.confidence_folder = self.root / str(folder).rstrip("/")
         self.diagnostic_gt = diagnostic_gt and not labeled and self.info.task == "semantic"
         self.transform = transform
         self.seed = seed
@@ -301,6 +317,15 @@ class FolderDataset(torch.utils.data.Dataset):
             if not sixteen:
                 check_class_range(arr, self.info.num_classes, path)
             sample[key] = arr
+        if self.confidence_folder is not None:
+            cpath = self.confidence_folder / f"{sid}.png"
+            conf = read_label(cpath)
+            if conf.shape != (h, w):
+                raise DatasetError(cpath, f"size {conf.shape[1]}x{conf.shape[0]} does not match image {ipath.name} ({w}x{h})")
+            if self.confidence == "weight":
+                sample["weight"] = conf
+            else:
+                sample["mask"] = np.where(conf < round(self.min_confidence * 255), IGNORE_INDEX, sample["mask"]).astype(np.uint8)
         if self.info.task == "instance" and "instances" in sample:
             sample["mask"] = (sample["instances"] > 0).astype(np.uint8)
         return sample

@@ -96,13 +96,15 @@ def validate_dataset(
     class_pixels = np.zeros(info.num_classes + 1, dtype=np.int64)  # last bin: ignore
     checked = 0
     if read_pixels:
-        label_dirs = []
+        label_dirs = []  # (folder, 16-bit)
         if info.task == "instance":
             label_dirs.append(("instances", True))
         else:
             label_dirs.append(("masks", False))
         for folder in info.weak_labels.values():
             label_dirs.append((str(folder).rstrip("/"), False))
+        confidence_dirs = {str(f).rstrip("/") for f in info.weak_confidence.values()}  # 0..255: sizes only
+        label_dirs += [(f, False) for f in sorted(confidence_dirs)]
         items = list(images.items())
         if only_listed:
             items = [(i, p) for i, p in items if i in listed]
@@ -130,7 +132,7 @@ def validate_dataset(
                     arr = read_label(lpath, sixteen_bit=sixteen)
                     if arr.shape != (h, w):
                         raise DatasetError(lpath, f"size {arr.shape[1]}x{arr.shape[0]} does not match image {ipath.name} ({w}x{h})")
-                    if not sixteen:
+                    if not sixteen and folder not in confidence_dirs:
                         check_class_range(arr, info.num_classes, lpath)
                         if folder == "masks":
                             counts = np.bincount(arr.ravel(), minlength=256)

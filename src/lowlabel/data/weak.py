@@ -86,21 +86,17 @@ def simulate(mask: np.ndarray, kind: str, num_classes: int, rng: np.random.Gener
     return out
 
 
-def weaken_dataset(root: str | os.PathLike, kind: str, out: str | os.PathLike, *, seed: int = 0, split: str = "train", progress=None, **kwargs) -> Path:
-    """Write a folder dataset at ``out`` whose ``dataset.json`` names the simulated weak labels
-    (``weak_labels: {<folder>: <folder>/}``) and whose images of ``split`` carry weak labels only:
-    ``masks/`` links the dense masks of the *other* images (val, test) one file at a time, never
-    those of ``split``, so a run on ``out`` cannot read a dense training mask. Images and splits
-    are linked to the source (never copied or modified). Resumable: existing weak label files are
-    kept. Seeded per image id."""
+def derive_dataset(root: str | os.PathLike, out: str | os.PathLike, ids, *, weak: dict, note: str, confidence: dict | None = None) -> Path:
+    """Make ``out`` a folder dataset built on ``root`` whose images ``ids`` carry new weak labels
+    only (``weak``: name -> folder, written by the caller): ``images/``, ``splits/`` and the
+    source's own weak label folders are linked, and ``masks/`` links the dense masks of the
+    *other* images (val, test) one file at a time, never those of ``ids``, so a run on ``out``
+    cannot read a dense mask of them. ``confidence``: weak label name -> folder of per-pixel
+    confidence PNGs (0-255). Used by ``weaken`` and ``refine``; idempotent."""
     root, out = Path(root), Path(out)
     info = DatasetInfo.load(root)
-    if info.task != "semantic":
-        raise ValueError(f"{root}: weak labels are simulated from semantic masks; task is {info.task!r}")
-    ids = read_ids(root / "splits" / f"{split}.txt")
-    folder = FOLDERS[kind]
-    (out / folder).mkdir(parents=True, exist_ok=True)
-    for name in ("images", "splits"):
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ["images", "splits", *{str(f).rstrip("/") for f in info.weak_labels.values()}]:
         src, dst = root / name, out / name
         if src.exists() and not dst.exists():
             dst.symlink_to(src.resolve(), target_is_directory=True)
@@ -108,19 +104,38 @@ def weaken_dataset(root: str | os.PathLike, kind: str, out: str | os.PathLike, *
     if masks.is_symlink():  # made by an earlier lowlabel, which linked every dense mask
         masks.unlink()
     masks.mkdir(exist_ok=True)
-    weakened = set(ids)
+    hidden = set(ids)
     for src in sorted((root / "masks").glob("*.png")):
         dst = masks / src.name
-        if src.stem in weakened:
+        if src.stem in hidden:
             dst.unlink(missing_ok=True)
         elif not dst.exists():
             dst.symlink_to(src.resolve())
     meta = json.loads((root / "dataset.json").read_text())
-    meta["weak_labels"] = {**meta.get("weak_labels", {}), folder: f"{folder}/"}
-    meta["notes"] = (meta.get("notes", "") + f" Weak labels '{folder}/' simulated by `lowlabel weaken --kind {kind} --seed {seed}` from the dense masks of split '{split}', whose dense masks are left out of masks/.").strip()
+    meta["weak_labels"] = {**meta.get("weak_labels", {}), **weak}
+    if confidence:
+        meta["weak_confidence"] = {**meta.get("weak_confidence", {}), **confidence}
+    if note not in meta.get("notes", ""):
+        meta["notes"] = (meta.get("notes", "") + " " + note).strip()
     tmp = out / f".dataset.json.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(meta, indent=2))
     os.replace(tmp, out / "dataset.json")
+    return out
+
+
+def weaken_dataset(root: str | os.PathLike, kind: str, out: str | os.PathLike, *, seed: int = 0, split: str = "train", progress=None, **kwargs) -> Path:
+    """Write a folder dataset at ``out`` (see :func:`derive_dataset`) whose images of ``split``
+    carry simulated weak labels only (``weak_labels: {<folder>: <folder>/}``), no dense masks.
+    Resumable: existing weak label files are kept. Seeded per image id."""
+    root, out = Path(root), Path(out)
+    info = DatasetInfo.load(root)
+    if info.task != "semantic":
+        raise ValueError(f"{root}: weak labels are simulated from semantic masks; task is {info.task!r}")
+    ids = read_ids(root / "splits" / f"{split}.txt")
+    folder = FOLDERS[kind]
+    (out / folder).mkdir(parents=True, exist_ok=True)
+    derive_dataset(root, out, ids, weak={folder: f"{folder}/"},
+                   note=f"Weak labels '{folder}/' simulated by `lowlabel weaken --kind {kind} --seed {seed}` from the dense masks of split '{split}', whose dense masks are left out of masks/.")
     for n, sid in enumerate(ids):
         dest = out / folder / f"{sid}.png"
         if not dest.exists():

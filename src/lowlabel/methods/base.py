@@ -104,16 +104,26 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, keep: torch.Tensor, sm
     return (1 - (2 * inter + smooth) / (denom + smooth)).mean()
 
 
-def supervised_loss(logits: torch.Tensor, mask: torch.Tensor, kind: str = "ce") -> torch.Tensor:
+def supervised_loss(logits: torch.Tensor, mask: torch.Tensor, kind: str = "ce", weight: torch.Tensor | None = None) -> torch.Tensor:
     """Loss over labeled pixels (``IGNORE_INDEX`` skipped); 0 when none is labeled. ``kind``:
-    ``ce`` (cross-entropy) or ``ce_dice`` ((CE + Dice) / 2, UniMatch's medical code)."""
-    if not (mask != IGNORE_INDEX).any():
+    ``ce`` (cross-entropy) or ``ce_dice`` ((CE + Dice) / 2, UniMatch's medical code).
+    ``weight``: per-pixel weights in 0..255 (the confidence of refined labels,
+    ``data.weak_confidence: weight``): the CE becomes the weighted mean over labeled pixels and
+    Dice skips zero-weight pixels."""
+    keep = mask != IGNORE_INDEX
+    if weight is not None:
+        keep = keep & (weight > 0)
+    if not keep.any():
         return logits.sum() * 0.0
-    ce = F.cross_entropy(logits, mask, ignore_index=IGNORE_INDEX)
+    if weight is None:
+        ce = F.cross_entropy(logits, mask, ignore_index=IGNORE_INDEX)
+    else:
+        w = weight.float() / 255.0 * keep.float()
+        ce = (F.cross_entropy(logits, mask, ignore_index=IGNORE_INDEX, reduction="none") * w).sum() / w.sum()
     if kind == "ce":
         return ce
     if kind == "ce_dice":
-        return (ce + dice_loss(logits, mask, mask != IGNORE_INDEX)) / 2
+        return (ce + dice_loss(logits, mask, keep)) / 2
     raise ValueError(f"unknown labeled loss {kind!r}; choose 'ce' or 'ce_dice'")
 
 

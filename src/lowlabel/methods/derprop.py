@@ -254,14 +254,14 @@ class DerProp(Method):
         keep = ((conf_m >= p.threshold) & valid_m).float()
         denom = valid_m.sum().clamp_min(1)
 
-        ce_l = supervised_loss(pred_x, labeled["mask"], p.labeled_loss)
+        ce_l = supervised_loss(pred_x, labeled["mask"], p.labeled_loss, labeled.get("weight"))
         ce_u = (F.cross_entropy(pred_s, pseudo_m, reduction="none") * keep).sum() / denom
         kl = (F.kl_div(pred_s.float().log_softmax(1), target_m, reduction="none").sum(1) * keep).sum() / denom
         zero = ce_l * 0.0
         ce_l_prop, ce_u_prop, l_der = zero, zero, zero
         if use_dlp:
             valid_sf = (small(valid_m) > 0.5).flatten(1)
-            ce_l_prop = supervised_loss(self._rectify(pred_x, v_x, fsize, valid_xf), labeled["mask"], p.labeled_loss)
+            ce_l_prop = supervised_loss(self._rectify(pred_x, v_x, fsize, valid_xf), labeled["mask"], p.labeled_loss, labeled.get("weight"))
             ce_u_prop = (F.cross_entropy(self._rectify(pred_s, v_s, fsize, valid_sf), pseudo_m, reduction="none") * keep).sum() / denom
             if p.der_loss:
                 y = F.one_hot(mask_f.clamp_max(self.num_classes - 1), self.num_classes).flatten(1, 2).float()  # [B, M, C]

@@ -42,7 +42,7 @@ class FixMatch(Method):
         pseudo_m = mix(box, pseudo, mix_partner(pseudo))
         conf_m = mix(box, conf, mix_partner(conf))
         valid_m = mix(box, valid, mix_partner(valid))
-        loss_x = supervised_loss(pred_x, labeled["mask"], self.p.labeled_loss)
+        loss_x = supervised_loss(pred_x, labeled["mask"], self.p.labeled_loss, labeled.get("weight"))
         loss_s = masked_pseudo_loss(student(img_s), pseudo_m, conf_m, valid_m, self.p.threshold, self.p.unlabeled_loss)
         terms = {"x": loss_x / 2.0, "s": self.p.weight_u * loss_s / 2.0}
         return StepOutput(

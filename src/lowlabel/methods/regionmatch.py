@@ -419,7 +419,7 @@ class RegionMatch(Method):
         valid_m = mix(box, valid, mix_partner(valid))
         ce_s = F.cross_entropy(pred_s, pseudo_m, reduction="none")
         loss_p_u = ((ce_s * mask_m).sum((1, 2)) / valid_m.sum((1, 2)).clamp_min(1)).mean()  # eq. 16
-        loss_p_l = supervised_loss(pred_x, labeled["mask"])
+        loss_p_l = supervised_loss(pred_x, labeled["mask"], weight=labeled.get("weight"))
 
         # ---- unlabeled region losses: which regions and pixels enter them (deviations: docstring)
         loss_r_u, loss_cir, loss_prcc = zero, zero, zero

@@ -12,7 +12,7 @@ class Supervised(Method):
     uses_unlabeled = False
 
     def training_step(self, student, teacher, labeled, unlabeled, ctx):
-        loss = supervised_loss(student(labeled["image"]), labeled["mask"], self.p.labeled_loss)
+        loss = supervised_loss(student(labeled["image"]), labeled["mask"], self.p.labeled_loss, labeled.get("weight"))
         return StepOutput({"loss": loss, "loss_x": loss.detach()}, terms={"x": loss})
 
 

@@ -89,7 +89,7 @@ class UniMatch(Method):
                     self.p.unlabeled_loss,
                 )
             )
-        loss_x = supervised_loss(pred_x, labeled["mask"], self.p.labeled_loss)
+        loss_x = supervised_loss(pred_x, labeled["mask"], self.p.labeled_loss, labeled.get("weight"))
         loss_fp = masked_pseudo_loss(pred_fp, pseudo, conf, valid, self.p.threshold, self.p.unlabeled_loss)
         terms = {"x": self.p.weight_x * loss_x, "s": self.p.weight_s * (losses_s[0] + losses_s[1]), "fp": self.p.weight_fp * loss_fp}
         return StepOutput(

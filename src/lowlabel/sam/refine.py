@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data.dataset import IGNORE_INDEX, DatasetInfo, read_ids, read_image, read_label, write_label
+from ..data.weak import derive_dataset
 from ..errors import ConfigError
 from ..eval.metrics import ConfusionMatrix
 from ..utils import remove_orphan_temps
@@ -33,6 +34,7 @@ from .base import PromptableSegmenter, Prompts
 from .prompts import instances, sample_points, select_mask
 
 WEAK_KINDS = ("coarse", "scribble", "point", "probs")
+REFINED = "refined"  # the weak label name (and folder) of refine's dense labels
 
 
 @dataclass
@@ -143,9 +145,13 @@ def refine_dataset(
     weak_folder: str, split: str = "train", seed: int = 0, cache=None, progress=None, limit: int | None = None,
     overwrite: bool = False,
 ) -> dict:
-    """Refine the weak labels in ``root/weak_folder`` for the ids of ``split``; write
-    ``out/masks/<id>.png``, ``out/confidence/<id>.png`` (0-255) and ``out/manifest.json``.
-    Resumable: images whose mask and confidence exist are skipped. The manifest records the
+    """Refine the weak labels in ``root/weak_folder`` for the ids of ``split`` into a folder
+    dataset ``out`` that ``fit`` reads (``data.root=out``, ``data.weak=refined``): the dense labels
+    in ``out/refined/<id>.png`` (255 where nothing was decided), their confidence in
+    ``out/confidence/<id>.png`` (0-255; ``data.weak_confidence`` uses it as a per-pixel weight or
+    an ignore threshold), ``out/manifest.json``, and images, splits and the other images' masks
+    linked from ``root`` (:func:`lowlabel.data.weak.derive_dataset`: no dense mask of ``split``).
+    Resumable: images whose labels and confidence exist are skipped. The manifest records the
     settings; a rerun into the same ``out`` with other settings is refused (``ConfigError``)
     unless ``overwrite``, which deletes the earlier images first. Returns the manifest."""
     root, out = Path(root), Path(out)
@@ -163,19 +169,21 @@ def refine_dataset(
         raise ConfigError(f"{out}: refined before with other settings: {shown}; choose another --out, or --overwrite to replace its {len(manifest['images'])} image(s)")
     if differ or overwrite:
         for sid in manifest.get("images", {}):
-            for folder in ("masks", "confidence"):
+            for folder in (REFINED, "confidence"):
                 (out / folder / f"{sid}.png").unlink(missing_ok=True)
         manifest = {}
-    remove_orphan_temps(out, out / "masks", out / "confidence")
-    (out / "masks").mkdir(parents=True, exist_ok=True)
+    remove_orphan_temps(out, out / REFINED, out / "confidence")
+    (out / REFINED).mkdir(parents=True, exist_ok=True)
     (out / "confidence").mkdir(parents=True, exist_ok=True)
+    derive_dataset(root, out, read_ids(root / "splits" / f"{split}.txt"), weak={REFINED: f"{REFINED}/"}, confidence={REFINED: "confidence/"},
+                   note=f"Dense labels '{REFINED}/' refined by `lowlabel refine` from the weak labels '{weak_folder}/' of split '{split}' (settings in manifest.json); that split's dense masks are left out of masks/.")
     manifest.update(recipe)
     manifest.setdefault("images", {})
     from ..data.dataset import index_images
 
     images = index_images(root)
     for n, sid in enumerate(ids):
-        mfile, cfile = out / "masks" / f"{sid}.png", out / "confidence" / f"{sid}.png"
+        mfile, cfile = out / REFINED / f"{sid}.png", out / "confidence" / f"{sid}.png"
         if mfile.exists() and cfile.exists() and sid in manifest["images"]:
             if progress:
                 progress(n + 1, len(ids))
