@@ -133,3 +133,83 @@ def test_cache_reads_on_second_run_and_survives_concurrent_writers(tmp_path):
     c = EmbeddingCache(tmp_path / "c")
     c.get_or_embed(_image(), seg)
     assert c.hits == 1
+
+
+def test_mobilesam_matches_the_official_module_layout():
+    """Every parameter and buffer name and shape of the official MobileSAM (``vit_t``) module,
+    recorded from the official code, loads strictly into lowlabel's. (With the official module's
+    random weights loaded, the two image encoders gave bit-identical 64 x 64 x 256 embeddings of a
+    1024 x 1024 input; checked once on this machine, 2026-11-30, as the official package cannot
+    be installed here.)"""
+    import json
+    from pathlib import Path
+
+    layout = json.loads((Path(__file__).parent / "data" / "mobile_sam_layout.json").read_text())["keys"]
+    seg = build_segmenter("mobilesam")
+    ours = seg.sam.state_dict()
+    assert {k: list(v.shape) for k, v in ours.items()} == layout
+    g = torch.Generator().manual_seed(0)
+    official = {k: torch.randn(shape, generator=g) if ours[k].is_floating_point() else torch.zeros(shape, dtype=ours[k].dtype) for k, shape in layout.items()}
+    seg.sam.load_state_dict(official, strict=True)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "pickled_object", "wrong_fields", "empty"])
+def test_unreadable_cache_entries_are_recomputed(tmp_path, damage):
+    seg = build_segmenter("classical")
+    cache = EmbeddingCache(tmp_path)
+    first = cache.get_or_embed(_image(), seg)
+    path = cache.path(cache.key(_image(), seg))
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[:100])
+    elif damage == "garbage":
+        path.write_bytes(b"\x00" * 64)
+    elif damage == "pickled_object":
+        torch.save(torch.nn.Linear(2, 2), path)  # refused by weights_only loading
+    elif damage == "wrong_fields":
+        torch.save({"unexpected": 1}, path)
+    else:
+        path.write_bytes(b"")
+    again = EmbeddingCache(tmp_path)
+    emb = again.get_or_embed(_image(), seg)
+    assert again.misses == 1 and np.array_equal(emb.data["segments"], first.data["segments"])
+    assert EmbeddingCache(tmp_path).get_or_embed(_image(), seg) is not None and path.is_file()
+
+
+def test_cache_key_follows_the_backend_code(monkeypatch):
+    seg = build_segmenter("classical")
+    cache = EmbeddingCache("unused")
+    before = cache.key(_image(), seg)
+    monkeypatch.setattr(type(seg), "code_modules", ("lowlabel.sam.prompts",))  # more code computes it now
+    assert cache.key(_image(), seg) != before
+
+
+def test_download_verifies_the_recorded_sha256(tmp_path, monkeypatch):
+    import hashlib
+
+    from lowlabel.errors import CheckpointError
+    from lowlabel.sam import weights
+
+    assert all(len(c.sha256) == 64 for c in weights.CHECKPOINTS.values())  # every listed file has one
+    src = tmp_path / "src" / "w.pt"
+    src.parent.mkdir()
+    src.write_bytes(b"weights")
+    good = hashlib.sha256(b"weights").hexdigest()
+    for sha, ok in ((good, True), ("0" * 64, False)):
+        monkeypatch.setitem(weights.CHECKPOINTS, "x", weights.Checkpoint("x", "sam", "vit_b", src.as_uri(), sha, 1))
+        if ok:
+            path, digest = weights.download("x", tmp_path / "ok")
+            assert digest == good and path.read_bytes() == b"weights"
+        else:
+            with pytest.raises(CheckpointError, match="does not match"):
+                weights.download("x", tmp_path / "bad")
+            assert not list((tmp_path / "bad").iterdir())  # nothing kept
+
+
+def test_refine_refuses_random_weights(tiny_dataset, tmp_path, capsys):
+    from lowlabel.cli import main
+    from lowlabel.data.weak import weaken_dataset
+
+    weak = weaken_dataset(tiny_dataset, "coarse", tmp_path / "w")
+    assert main(["refine", str(weak), "--weak", "coarse", "--backend", "mobilesam", "--out", str(tmp_path / "r")]) == 2
+    assert "--allow-random-weights" in capsys.readouterr().err and not (tmp_path / "r").exists()
+    assert main(["refine", str(weak), "--weak", "coarse", "--backend", "mobilesam", "--allow-random-weights", "--limit", "1", "--out", str(tmp_path / "r")]) == 0

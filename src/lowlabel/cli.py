@@ -133,6 +133,7 @@ def _cmd_weaken(args) -> int:
 def _cmd_refine(args) -> int:
     from .data.dataset import DatasetInfo
     from .data.validate import require_valid
+    from .errors import ConfigError
     from .sam import build_segmenter
     from .sam.cache import EmbeddingCache
     from .sam.refine import RefineSettings, refine_dataset
@@ -143,6 +144,9 @@ def _cmd_refine(args) -> int:
     folder = str(info.weak_labels.get(args.weak, args.weak)).rstrip("/")
     kind = args.kind or {"points": "point", "scribbles": "scribble"}.get(folder, "coarse")
     seg = build_segmenter(args.backend, checkpoint=args.checkpoint, model_type=args.model_type, device=args.device)
+    if seg.weights_id.startswith("random") and not args.allow_random_weights:
+        raise ConfigError(f"refine --backend {args.backend}: no checkpoint (--checkpoint or LOWLABEL_SAM_CHECKPOINT), so its weights would be "
+                          "random and its masks meaningless; give a checkpoint (`lowlabel weights list`), or --allow-random-weights to test the pipeline")
     settings = RefineSettings(weak_kind=kind, sampler=args.sampler, selection=args.selection, points=args.points)
     cache = EmbeddingCache(args.cache) if args.cache else None
     with counting_progress(f"refine ({seg.name})") as prog:
@@ -159,15 +163,14 @@ def _cmd_weights(args) -> int:
     from .utils import console
 
     if args.weights_command == "download":
-        path, digest, verified = download(args.name, args.to)
-        note = "verified" if verified else "no recorded hash to verify against: compare it with the publisher's"
-        print(f"{path}\nsha256 {digest} ({note})")
+        path, digest = download(args.name, args.to)
+        print(f"{path}\nsha256 {digest} (verified)")
         return 0
     t = Table(title="promptable segmenter checkpoints (local files only; lowlabel never downloads during training)")
     for col in ("name", "backend", "model", "size", "sha256", "url"):
         t.add_column(col)
     for c in CHECKPOINTS.values():
-        t.add_row(c.name, c.backend, c.model_type, f"~{c.approx_mb} MB", c.sha256 or "not recorded", c.url)
+        t.add_row(c.name, c.backend, c.model_type, f"~{c.approx_mb} MB", c.sha256, c.url)
     console().print(t)
     return 0
 
@@ -248,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--kind", choices=["point", "scribble", "coarse"], help="default: from the folder name")
     r.add_argument("--backend", default="classical", choices=["classical", "sam", "mobilesam", "sam2"])
     r.add_argument("--model-type", help="vit_b/vit_l/vit_h for sam, a SAM 2.1 config (sam2.1_hiera_t ...) for sam2")
-    r.add_argument("--checkpoint", help="local weights file (or LOWLABEL_SAM_CHECKPOINT); without one SAM has random weights")
+    r.add_argument("--checkpoint", help="local weights file (or LOWLABEL_SAM_CHECKPOINT)")
+    r.add_argument("--allow-random-weights", action="store_true", help="run a neural backend without a checkpoint (random weights: for testing the pipeline only)")
     r.add_argument("--sampler", default="skeleton", choices=["skeleton", "probability", "topk", "center", "boundary", "random"])
     r.add_argument("--selection", default="coverage", choices=["coverage", "score", "random", "smallest"])
     r.add_argument("--points", type=int, default=5, help="K points per instance (default 5, SeSAM)")

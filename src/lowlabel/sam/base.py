@@ -69,6 +69,28 @@ class PromptableSegmenter(abc.ABC):
     name: str = "segmenter"
     weights_id: str = "none"
     transform_id: str = "identity"
+    code_modules: tuple[str, ...] = ()  # modules besides the class's own that compute embeddings
+    code_packages: tuple[str, ...] = ()  # installed packages that do
+
+    @property
+    def code_version(self) -> str:
+        """A hash of the code that computes this backend's embeddings (the source of its module
+        and of ``code_modules``, the versions of ``code_packages``): part of the embedding-cache
+        key, so an edit of that code never serves embeddings the new code would not compute."""
+        import hashlib
+        import importlib
+        import inspect
+        from importlib import metadata
+
+        h = hashlib.sha256()
+        for mod in (type(self).__module__, *self.code_modules):
+            h.update(inspect.getsource(importlib.import_module(mod)).encode())
+        for pkg in self.code_packages:
+            try:
+                h.update(f"{pkg}=={metadata.version(pkg)}".encode())
+            except metadata.PackageNotFoundError:
+                h.update(f"{pkg}==?".encode())
+        return h.hexdigest()[:16]
 
     @abc.abstractmethod
     def embed(self, image: np.ndarray) -> Embedding:

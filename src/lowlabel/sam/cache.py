@@ -1,7 +1,8 @@
 """On-disk cache of frozen-encoder embeddings.
 
 Key = SHA-256 of the image's pixels (shape + bytes) + backend name + weights id + input
-transform. Files are written to a temporary name and renamed (atomic on POSIX), so concurrent
+transform + the backend's code version (a hash of the code that computes its embeddings). An
+entry that cannot be read back, whatever the reason, is deleted and recomputed. Files are written to a temporary name and renamed (atomic on POSIX), so concurrent
 writers of the same key race harmlessly: each rename installs a complete file and the last wins.
 Entries load with ``torch.load(..., weights_only=True)``.
 """
@@ -47,7 +48,7 @@ class EmbeddingCache:
         self.hits = self.misses = 0
 
     def key(self, image: np.ndarray, segmenter: PromptableSegmenter) -> str:
-        parts = [image_hash(image), segmenter.name, segmenter.weights_id, segmenter.transform_id]
+        parts = [image_hash(image), segmenter.name, segmenter.weights_id, segmenter.transform_id, segmenter.code_version]
         return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
     def path(self, key: str) -> Path:
@@ -61,7 +62,7 @@ class EmbeddingCache:
                 d = torch.load(path, map_location="cpu", weights_only=True)
                 self.hits += 1
                 return Embedding(_from_tensors(d["data"]), tuple(d["original_size"]), d["backend"], _from_tensors(d["meta"]))
-            except (RuntimeError, EOFError, KeyError, OSError):
+            except Exception:  # noqa: BLE001  (truncated, not a torch file, pickled objects, wrong fields...)
                 path.unlink(missing_ok=True)  # unreadable entry: drop it, recompute below
         self.misses += 1
         emb = segmenter.embed(image)

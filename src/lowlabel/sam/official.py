@@ -41,6 +41,9 @@ def _load_state(path: Path) -> dict:
 
 
 class SamSegmenter(PromptableSegmenter):
+    code_modules = ("lowlabel.sam.mobilesam",)
+    code_packages = ("segment_anything", "segment-anything")
+
     def __init__(self, model_type: str = "vit_b", checkpoint: str | os.PathLike | None = None, device: str = "cpu", seed: int = 0):
         try:
             from segment_anything import sam_model_registry

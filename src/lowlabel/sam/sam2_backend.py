@@ -19,6 +19,8 @@ from .official import file_sha256
 
 
 class Sam2Segmenter(PromptableSegmenter):
+    code_packages = ("sam2", "SAM-2")
+
     def __init__(self, config: str = "sam2.1_hiera_t", checkpoint: str | os.PathLike | None = None, device: str = "cpu", seed: int = 0):
         try:
             from sam2.build_sam import build_sam2
