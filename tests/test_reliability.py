@@ -305,3 +305,10 @@ def test_kill_9_and_resume_is_exact(tmp_path):
     for k, v in a["student"].items():
         assert torch.equal(v, b["student"][k]), (k, killed_at)
     assert not list((tmp_path / "runs" / "b").rglob("*.tmp"))
+
+
+def test_weaken_refuses_bad_masks_before_writing(tiny_dataset, tmp_path, capsys):
+    _class_out_of_range(tiny_dataset)
+    assert main(["weaken", str(tiny_dataset), "--kind", "point", "--out", str(tmp_path / "w"), "--quiet"]) == 2
+    _one_line_error(capsys, "img01.png", "class ids")
+    assert not (tmp_path / "w").exists()

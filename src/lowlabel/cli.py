@@ -121,9 +121,11 @@ def _cmd_bench(args) -> int:
 
 
 def _cmd_weaken(args) -> int:
+    from .data.validate import require_valid
     from .data.weak import weaken_dataset
     from .utils import counting_progress
 
+    require_valid(args.dataset, splits=[args.split], read_pixels=True)  # every mask it reads, before it writes
     with counting_progress(f"weaken ({args.kind})", enabled=not args.quiet) as prog:
         out = weaken_dataset(args.dataset, args.kind, args.out, seed=args.seed, split=args.split, progress=prog)
     print(f"weak labels ({args.kind}) -> {out}; train with data.root={out} data.weak={'points' if args.kind == 'point' else args.kind + ('s' if args.kind == 'scribble' else '')}")
