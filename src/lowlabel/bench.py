@@ -38,7 +38,7 @@ from pathlib import Path
 import yaml
 
 from .config import merge_raw, load_config
-from .utils import atomic_write_json, atomic_write_text, console
+from .utils import atomic_write_json, atomic_write_text, console, remove_orphan_temps
 
 
 def load_protocol(path: str | Path) -> dict:
@@ -170,6 +170,7 @@ def run_protocol(path: str | Path, out: str | Path | None = None, only: list[str
     proto = load_protocol(path)
     out = Path(out or Path("benchmarks") / "results" / proto["name"])
     (out / "cells").mkdir(parents=True, exist_ok=True)
+    remove_orphan_temps(out, out / "cells")  # left by a killed run's atomic writes
     con = console()
     todo = [c for c in cells(proto) if not only or c["method"] in only or c["cell"] in only]
     ctx = mp.get_context("spawn")
