@@ -100,7 +100,7 @@ def _cmd_predict(args) -> int:
     from .engine.run import Run
 
     run = Run.load(args.checkpoint, device=args.device)
-    written = run.predict_folder(args.images, args.out, overlays=not args.no_overlay, progress=True)
+    written = run.predict_folder(args.images, args.out, overlays=not args.no_overlay, progress=True, confidence=args.confidence)
     print(f"{len(written)} prediction(s) -> {args.out}")
     return 0
 
@@ -228,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", required=True)
     pr.add_argument("--device", default="auto")
     pr.add_argument("--no-overlay", action="store_true")
+    pr.add_argument("--confidence", action="store_true", help="georeferenced inputs: add a confidence band (0-254, 255 = nodata) to the GeoTIFF")
     pr.set_defaults(func=_cmd_predict)
 
     b = sub.add_parser("bench", help="run a benchmark protocol (resumable) and write results, tables and plots")

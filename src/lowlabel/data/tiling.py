@@ -128,12 +128,19 @@ class ArrayReader:
 def open_reader(path: str | os.PathLike) -> WindowReader:
     """A window reader for an image file.
 
+    With rasterio (the ``geo`` extra), GeoTIFF / COG / JPEG 2000 / VRT files are read by GDAL one
+    window at a time (:class:`lowlabel.data.raster.RasterReader`), compressed ones included.
+    Without it:
     Uncompressed (or memory-mappable) TIFFs are memory-mapped through ``tifffile`` when the
     ``geo`` extra is installed, so windows are read lazily and a mosaic larger than memory
     works. Other formats (JPEG, PNG) cannot be decoded by window; they are decoded once into a
     uint8 array (3 bytes per pixel).
     """
     path = Path(path)
+    from .raster import RASTER_EXTENSIONS, RasterReader, have_rasterio
+
+    if path.suffix.lower() in RASTER_EXTENSIONS and have_rasterio():
+        return RasterReader(path)
     if path.suffix.lower() in (".tif", ".tiff"):
         try:
             import tifffile

@@ -66,15 +66,17 @@ class Run:
         meta = state["dataset"]
         return cls(model, meta["classes"], meta["palette"], config=cfg, run_dir=run_dir or path.parent.parent, device=resolve_device(device), data_root=meta.get("root"))
 
-    def predict(self, image: np.ndarray | torch.Tensor | WindowReader | str | Path, *, return_probs: bool = False, progress=None) -> Prediction:
+    def predict(self, image: np.ndarray | torch.Tensor | WindowReader | str | Path, *, return_probs: bool = False, progress=None, sink=None) -> Prediction:
         """Predict one image of any size (tiled by the run's eval settings). ``image``: uint8
-        [H, W, 3] array, float [3, H, W] tensor in [0, 1], a window reader or a file path."""
+        [H, W, 3] array, float [3, H, W] tensor in [0, 1], a window reader or a file path.
+        ``sink(y0, labels_rows, confidence_rows)``: receive the rows as they are finished
+        instead of whole arrays (flat memory; e.g. :class:`lowlabel.data.raster.GeoTiffSink`)."""
         if isinstance(image, (str, Path)):
             image = open_reader(image)
         e = self.eval_cfg
         return sliding_window(
             for_eval(self.model, e), image, self.num_classes, tile=e.tile, overlap=e.overlap, weighting=e.weighting,
-            batch_size=e.batch_size, device=self.device, return_probs=return_probs, progress=progress,
+            batch_size=e.batch_size, device=self.device, return_probs=return_probs, progress=progress, sink=sink,
         )
 
     def evaluate(self, data: str | Path | None = None, split: str = "test", progress: bool = False) -> dict:
@@ -96,21 +98,44 @@ class Run:
         pal = np.array(self.palette + [(0, 0, 0)] * (256 - len(self.palette)), dtype=np.float32)
         return (image.astype(np.float32) * (1 - alpha) + pal[labels] * alpha).clip(0, 255).astype(np.uint8)
 
-    def predict_folder(self, images: str | Path, out: str | Path, *, overlays: bool = True, progress: bool = False) -> list[Path]:
-        """Write ``<id>.png`` label maps (palette PNG, values = class ids) and, with ``overlays``,
-        ``overlays/<id>.jpg`` colour blends, for every image in a folder (or one image)."""
+    def predict_folder(self, images: str | Path, out: str | Path, *, overlays: bool = True, progress: bool = False, confidence: bool = False) -> list[Path]:
+        """For every image in a folder (or one image): ``<id>.png`` label maps (palette PNG,
+        values = class ids) and, with ``overlays``, ``overlays/<id>.jpg`` colour blends. A
+        georeferenced raster (GeoTIFF, COG, JPEG 2000, VRT; needs rasterio) gives ``<id>.tif``
+        instead: a Cloud Optimized GeoTIFF on the input's grid (CRS, transform), palette as colour
+        map, 255 = nodata where the input is nodata, a confidence band with ``confidence``; its
+        rows are written as they are finished, so memory stays flat, and no overlay is made (a
+        GIS shows the colour map over the image)."""
         from PIL import Image
 
+        from ..data.raster import RASTER_EXTENSIONS, GeoTiffSink, RasterReader, have_rasterio
+
         images, out = Path(images), Path(out)
-        files = [images] if images.is_file() else sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        exts = tuple(dict.fromkeys(IMAGE_EXTENSIONS + RASTER_EXTENSIONS))
+        files = [images] if images.is_file() else sorted(p for p in images.iterdir() if p.suffix.lower() in exts)
         if not files:
-            raise FileNotFoundError(f"{images}: no images ({', '.join(IMAGE_EXTENSIONS)})")
+            raise FileNotFoundError(f"{images}: no images ({', '.join(exts)})")
         for f in files:  # every input checked before the first output is written
-            check_image_file(f)
+            if f.suffix.lower() in RASTER_EXTENSIONS and have_rasterio():
+                r = RasterReader(f)
+                r.check()
+                r.close()
+            else:
+                check_image_file(f)
         written = []
         with progress_bar("predicting", len(files), enabled=progress) as adv:
             for f in files:
                 reader = open_reader(f)
+                if getattr(reader, "georeferenced", False):
+                    sink = GeoTiffSink(out / f"{f.stem}.tif", reader, self.palette, confidence=confidence)
+                    try:
+                        self.predict(reader, sink=sink)
+                    except BaseException:
+                        sink.abort()
+                        raise
+                    written.append(sink.close())
+                    adv()
+                    continue
                 pred = self.predict(reader)
                 path = out / f"{f.stem}.png"
                 write_label(path, pred.labels, self.palette)
@@ -124,4 +149,3 @@ class Run:
                 written.append(path)
                 adv()
         return written
-

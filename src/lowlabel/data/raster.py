@@ -1,0 +1,187 @@
+"""Rasters read by window and label maps written georeferenced, through rasterio (GDAL).
+
+:class:`RasterReader` reads any format GDAL reads (GeoTIFF, COG, JPEG 2000, VRT, ERDAS, ...)
+one window at a time, never decoding the whole image: band selection and order, scaling of
+uint16 / float data to uint8, and the nodata mask. :class:`GeoTiffSink` receives the rows of a
+prediction as :func:`lowlabel.eval.inference.sliding_window` finishes them and writes a tiled,
+compressed GeoTIFF with the source's CRS and transform, the class palette as its colour map and
+255 as nodata (pixels the source marks nodata are not predicted), then lays it out as a Cloud
+Optimized GeoTIFF; memory stays at one band of rows whatever the image size.
+
+rasterio is the ``geo`` extra: without it, ``open_reader`` keeps its PIL / tifffile paths.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .dataset import DatasetError
+
+# extensions routed to GDAL (PNG / JPEG stay with PIL, which reads them as fast and needs no GDAL)
+RASTER_EXTENSIONS = (".tif", ".tiff", ".jp2", ".vrt", ".img")
+
+
+def have_rasterio() -> bool:
+    try:
+        import rasterio  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class RasterReader:
+    """Windows of a raster file as uint8 [h, w, 3] (the :class:`WindowReader` protocol).
+
+    ``bands``: 1-based band indexes, in the order the network sees them (default: the first
+    three, or the single band repeated for grey rasters). ``value_range``: (lo, hi) mapped to
+    0..255 for non-uint8 data; default: the 2nd and 98th percentiles of a decimated read of the
+    selected bands (at most ``stats_side`` pixels on the long side), the usual display stretch of
+    16-bit satellite scenes. Attributes ``crs``, ``transform`` and ``georeferenced`` describe
+    the grid; :meth:`valid` is False where the source marks nodata.
+    """
+
+    def __init__(self, path: str | os.PathLike, bands: Sequence[int] | None = None, value_range: tuple[float, float] | None = None, stats_side: int = 1024):
+        import rasterio
+        from rasterio.errors import RasterioIOError
+
+        self.path = Path(path)
+        try:
+            self.ds = rasterio.open(self.path)
+        except RasterioIOError as err:
+            raise DatasetError(self.path, f"unreadable raster ({str(err).splitlines()[0][:160]})") from None
+        ds = self.ds
+        self.height, self.width = ds.height, ds.width
+        if bands is None:
+            bands = (1, 2, 3) if ds.count >= 3 else (1,)
+        bad = [b for b in bands if not 1 <= b <= ds.count]
+        if bad:
+            raise DatasetError(self.path, f"band(s) {bad} out of range: the raster has {ds.count} band(s), numbered from 1")
+        self.bands = tuple(int(b) for b in bands)
+        dtype = np.dtype(ds.dtypes[self.bands[0] - 1])
+        if dtype.kind not in "uif":
+            raise DatasetError(self.path, f"unsupported data type {dtype} (expected integers or floats)")
+        self.dtype = dtype
+        self.crs, self.transform = ds.crs, ds.transform
+        self.georeferenced = ds.crs is not None
+        self.has_nodata = ds.nodata is not None or _has_mask(ds)
+        if dtype == np.uint8:
+            self.value_range = None
+        elif value_range is not None:
+            self.value_range = (float(value_range[0]), float(value_range[1]))
+        else:
+            self.value_range = self._percentiles(stats_side)
+
+    def _percentiles(self, side: int) -> tuple[float, float]:
+        f = max(1, int(np.ceil(max(self.height, self.width) / side)))
+        shape = (len(self.bands), max(1, self.height // f), max(1, self.width // f))
+        arr = self._read(self.ds.read, list(self.bands), out_shape=shape, masked=True)
+        vals = arr.compressed() if np.ma.isMaskedArray(arr) else arr.ravel()
+        if vals.size == 0:
+            raise DatasetError(self.path, "every pixel is nodata")
+        lo, hi = np.percentile(vals.astype(np.float64), [2, 98])
+        return float(lo), float(hi if hi > lo else lo + 1)
+
+    def _read(self, fn, *args, **kwargs):
+        from rasterio.errors import RasterioError
+
+        try:
+            return fn(*args, **kwargs)
+        except RasterioError as err:
+            raise DatasetError(self.path, f"unreadable raster data, truncated or damaged ({str(err).splitlines()[0][:160]})") from None
+
+    def check(self) -> None:
+        """Read the first and the last block: a truncated file fails here, before any output."""
+        from rasterio.windows import Window
+
+        for y, x in ((0, 0), (self.height - 1, self.width - 1)):
+            self._read(self.ds.read, list(self.bands), window=Window(x, y, 1, 1))
+
+    def read(self, y0: int, x0: int, h: int, w: int) -> np.ndarray:
+        from rasterio.windows import Window
+
+        arr = self._read(self.ds.read, list(self.bands), window=Window(x0, y0, w, h))  # [bands, h, w]
+        if self.value_range is not None:
+            lo, hi = self.value_range
+            arr = ((arr.astype(np.float32) - lo) * (255.0 / (hi - lo))).clip(0, 255).round()
+        arr = np.moveaxis(arr.astype(np.uint8), 0, 2)
+        return np.repeat(arr, 3, axis=2) if arr.shape[2] == 1 else arr[..., :3]
+
+    def valid(self, y0: int, x0: int, h: int, w: int) -> np.ndarray:
+        """bool [h, w]: False where every selected band is nodata (or masked)."""
+        if not self.has_nodata:
+            return np.ones((h, w), bool)
+        from rasterio.windows import Window
+
+        m = self._read(self.ds.read_masks, list(self.bands), window=Window(x0, y0, w, h))
+        return (m > 0).any(axis=0)  # GDAL's dataset mask: a pixel is nodata where every band is
+
+    def close(self) -> None:
+        self.ds.close()
+
+
+def _has_mask(ds) -> bool:
+    from rasterio.enums import MaskFlags
+
+    return any(MaskFlags.all_valid not in flags for flags in ds.mask_flag_enums)
+
+
+class GeoTiffSink:
+    """Write a prediction's rows into ``path`` as they are finished: a tiled, DEFLATE-compressed
+    uint8 GeoTIFF on ``reader``'s grid (CRS, transform), with the palette as colour map and 255 =
+    nodata, optionally a second band of confidence (0-255). Written to a temporary name; ``close``
+    lays it out as a Cloud Optimized GeoTIFF (internal overviews) under the final name, so a
+    failure leaves no half-written output."""
+
+    def __init__(self, path: str | os.PathLike, reader: RasterReader, palette: Sequence[Sequence[int]], *, confidence: bool = False, block: int = 256):
+        import rasterio
+
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        self.reader, self.confidence = reader, confidence
+        profile = {
+            "driver": "GTiff", "height": reader.height, "width": reader.width, "count": 2 if confidence else 1, "dtype": "uint8",
+            "crs": reader.crs, "transform": reader.transform, "nodata": 255, "tiled": True, "blockxsize": block, "blockysize": block,
+            "compress": "deflate", "BIGTIFF": "IF_SAFER",
+        }
+        self.ds = rasterio.open(self.tmp, "w", **profile)
+        self.ds.write_colormap(1, {i: tuple(int(v) for v in c) + (255,) for i, c in enumerate(palette)})
+        self.ds.set_band_description(1, "class")
+        if confidence:
+            self.ds.set_band_description(2, "confidence x 255")
+
+    def __call__(self, y0: int, labels: np.ndarray, conf: np.ndarray) -> None:
+        from rasterio.windows import Window
+
+        h, w = labels.shape
+        lab = labels.astype(np.uint8)
+        valid = self.reader.valid(y0, 0, h, w)
+        lab[~valid] = 255
+        win = Window(0, y0, w, h)
+        self.ds.write(lab, 1, window=win)
+        if self.confidence:
+            c = (np.asarray(conf, np.float32) * 254).round().astype(np.uint8)
+            c[~valid] = 255
+            self.ds.write(c, 2, window=win)
+
+    def close(self) -> Path:
+        from rasterio.shutil import copy as rio_copy
+
+        self.ds.close()
+        cog = self.path.with_name(f".{self.path.name}.cog.{os.getpid()}.tmp")
+        try:
+            rio_copy(self.tmp, cog, driver="COG", COMPRESS="DEFLATE", BLOCKSIZE=256, OVERVIEW_RESAMPLING="NEAREST")
+            os.replace(cog, self.path)
+        finally:
+            self.tmp.unlink(missing_ok=True)
+            cog.unlink(missing_ok=True)
+        return self.path
+
+    def abort(self) -> None:
+        if not self.ds.closed:
+            self.ds.close()
+        self.tmp.unlink(missing_ok=True)

@@ -1,0 +1,125 @@
+"""Georeferenced rasters in and out (rasterio): window reads, bands, scaling, nodata, GeoTIFF
+predictions on the input's grid, bad rasters named. Inputs are real aerial tiles (the bundled
+Dubai sample) written as tiled, compressed GeoTIFFs with an assigned CRS and transform."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+rasterio = pytest.importorskip("rasterio")
+from rasterio.transform import from_origin  # noqa: E402
+
+from lowlabel.data.dataset import DatasetError  # noqa: E402
+from lowlabel.data.raster import RasterReader  # noqa: E402
+from lowlabel.data.tiling import open_reader  # noqa: E402
+from lowlabel.engine.run import Run  # noqa: E402
+
+from .conftest import REPO  # noqa: E402
+
+TILE = REPO / "src" / "lowlabel" / "sample_data" / "dubai-sample" / "images" / "tile2_part001.jpg"
+CRS = "EPSG:32640"  # UTM 40N, where Dubai is
+TRANSFORM = from_origin(330000.0, 2790000.0, 0.5, 0.5)
+
+
+def _geotiff(path, array, *, nodata=None, dtype=None):
+    """[bands, H, W] -> a tiled, DEFLATE-compressed GeoTIFF."""
+    array = array.astype(dtype or array.dtype)
+    with rasterio.open(path, "w", driver="GTiff", height=array.shape[1], width=array.shape[2], count=array.shape[0], dtype=array.dtype,
+                       crs=CRS, transform=TRANSFORM, nodata=nodata, tiled=True, blockxsize=128, blockysize=128, compress="deflate") as ds:
+        ds.write(array)
+    return path
+
+
+@pytest.fixture
+def rgb():
+    return np.moveaxis(np.asarray(Image.open(TILE).convert("RGB")), 2, 0)  # [3, H, W] uint8
+
+
+def test_window_reads_equal_the_crop_of_a_full_read(tmp_path, rgb):
+    r = open_reader(_geotiff(tmp_path / "a.tif", rgb))
+    assert isinstance(r, RasterReader) and r.georeferenced and (r.height, r.width) == rgb.shape[1:]
+    full = r.read(0, 0, r.height, r.width)
+    assert np.array_equal(full, np.moveaxis(rgb, 0, 2))
+    for y, x, h, w in ((0, 0, 64, 64), (37, 101, 90, 33), (r.height - 50, r.width - 70, 50, 70)):
+        assert np.array_equal(r.read(y, x, h, w), full[y : y + h, x : x + w])
+
+
+def test_band_selection_and_uint16_scaling(tmp_path, rgb):
+    four = np.concatenate([rgb.astype(np.uint16) * 100, np.full_like(rgb[:1], 7, dtype=np.uint16)])  # RGB + "NIR", 16-bit
+    path = _geotiff(tmp_path / "b.tif", four)
+    r = RasterReader(path, bands=[3, 2, 1], value_range=(0, 25500))
+    assert np.array_equal(r.read(10, 10, 20, 30), np.moveaxis(rgb[::-1, 10:30, 10:40], 0, 2))  # BGR order, scaled back
+    auto = RasterReader(path)  # 2-98 % stretch of the first three bands
+    lo, hi = auto.value_range
+    assert 0 <= lo < hi <= 25500
+    with pytest.raises(DatasetError, match="band"):
+        RasterReader(path, bands=[5])
+
+
+def _colour_run():
+    """A "model" whose class is the image's dominant colour channel: varied, exact labels."""
+    model = torch.nn.Conv2d(3, 3, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.eye(3)[:, :, None, None])
+    return Run(model, ["red", "green", "blue"], [(255, 0, 0), (0, 255, 0), (0, 0, 255)])
+
+
+def test_prediction_is_a_cog_on_the_input_grid(tmp_path, rgb):
+    src = tmp_path / "in"
+    src.mkdir()
+    rgb = rgb.copy()
+    rgb[:, :40, :60] = 0
+    _geotiff(src / "scene.tif", rgb, nodata=0)
+    run = _colour_run()
+    (out,) = run.predict_folder(src, tmp_path / "out", confidence=True)
+    assert out.name == "scene.tif" and not list((tmp_path / "out").glob(".*"))  # no temporary left
+    with rasterio.open(out) as ds, rasterio.open(src / "scene.tif") as ref:
+        assert ds.crs == ref.crs and ds.transform == ref.transform and (ds.height, ds.width) == (ref.height, ref.width)
+        assert ds.count == 2 and ds.nodata == 255 and ds.profile["tiled"]
+        assert ds.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
+        assert ds.colormap(1)[1][:3] == (0, 255, 0)
+        labels = ds.read(1)
+    expect = run.predict(np.moveaxis(rgb, 0, 2)).labels
+    nodata = (rgb == 0).all(axis=0)
+    assert len(np.unique(expect[~nodata])) == 3
+    assert (labels[nodata] == 255).all()  # the input's nodata is not predicted
+    assert np.array_equal(labels[~nodata], expect[~nodata])  # streamed rows == the in-memory prediction
+
+
+def test_bad_rasters_are_named(tmp_path, rgb):
+    good = _geotiff(tmp_path / "g.tif", rgb)
+    bad = tmp_path / "truncated.tif"
+    bad.write_bytes(good.read_bytes()[:500])
+    with pytest.raises(DatasetError, match="truncated.tif"):
+        RasterReader(bad).check()
+    cplx = tmp_path / "complex.tif"
+    with rasterio.open(cplx, "w", driver="GTiff", height=8, width=8, count=1, dtype="complex64", crs=CRS, transform=TRANSFORM) as ds:
+        ds.write(np.zeros((1, 8, 8), np.complex64))
+    with pytest.raises(DatasetError, match="unsupported data type"):
+        RasterReader(cplx)
+    empty = _geotiff(tmp_path / "empty.tif", np.zeros((3, 16, 16), np.uint16), nodata=0)
+    with pytest.raises(DatasetError, match="nodata"):
+        RasterReader(empty)
+
+
+def test_predict_refuses_a_truncated_raster_before_writing(tmp_path, rgb, capsys):
+    from lowlabel.cli import main
+
+    src = tmp_path / "in"
+    src.mkdir()
+    _geotiff(src / "a.tif", rgb)
+    good = _geotiff(tmp_path / "b.tif", rgb)
+    (src / "b.tif").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    from lowlabel.engine.trainer import CHECKPOINT_FORMAT
+    from lowlabel.models import build_model
+    from lowlabel.utils import atomic_torch_save
+
+    ckpt = tmp_path / "run"
+    atomic_torch_save({"format": CHECKPOINT_FORMAT, "model_spec": {"arch": "tiny", "encoder": "tiny", "num_classes": 3, "width": 4, "in_channels": 3},
+                       "weights": build_model("tiny", "tiny", 3, width=4).state_dict(),
+                       "dataset": {"classes": ["r", "g", "b"], "palette": [[255, 0, 0], [0, 255, 0], [0, 0, 255]]}}, ckpt / "best.pt")
+    assert main(["predict", str(ckpt / "best.pt"), str(src), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "b.tif" in err and "truncated" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
