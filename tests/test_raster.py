@@ -123,3 +123,29 @@ def test_predict_refuses_a_truncated_raster_before_writing(tmp_path, rgb, capsys
     err = capsys.readouterr().err.strip()
     assert "b.tif" in err and "truncated" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("fmt", ["gpkg", "geojson"])
+def test_vector_polygons_cover_exactly_the_predicted_pixels(tmp_path, rgb, fmt):
+    import pyogrio
+    from rasterio.features import rasterize
+    from shapely import from_wkb
+
+    src = tmp_path / "in"
+    src.mkdir()
+    rgb = rgb.copy()
+    rgb[:, :40, :60] = 0
+    _geotiff(src / "scene.tif", rgb, nodata=0)
+    run = _colour_run()
+    tif, vec = run.predict_folder(src, tmp_path / "out", vector=fmt)
+    assert vec.name == f"scene.{fmt}"
+    with rasterio.open(tif) as ds:
+        labels, shape, transform = ds.read(1), (ds.height, ds.width), ds.transform
+    info = pyogrio.read_info(vec)
+    assert info["crs"] is not None and info["features"] > 0
+    _, _, geoms, fields = pyogrio.raw.read(vec)
+    class_ids = fields[0]
+    burned = rasterize(((from_wkb(g), int(c)) for g, c in zip(geoms, class_ids)), out_shape=shape, transform=transform, fill=255, dtype="uint8")
+    assert np.array_equal(burned, labels)  # every predicted pixel in exactly its class's polygons, nodata in none
+    few = run.predict_folder(src, tmp_path / "out2", vector=fmt, min_area=50.0, simplify=1.0)[1]  # 50 m² = 200 pixels
+    assert 0 < pyogrio.read_info(few)["features"] < info["features"]

@@ -100,7 +100,8 @@ def _cmd_predict(args) -> int:
     from .engine.run import Run
 
     run = Run.load(args.checkpoint, device=args.device)
-    written = run.predict_folder(args.images, args.out, overlays=not args.no_overlay, progress=True, confidence=args.confidence)
+    written = run.predict_folder(args.images, args.out, overlays=not args.no_overlay, progress=True, confidence=args.confidence,
+                                vector=args.vector, min_area=args.min_area, simplify=args.simplify)
     print(f"{len(written)} prediction(s) -> {args.out}")
     return 0
 
@@ -229,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--device", default="auto")
     pr.add_argument("--no-overlay", action="store_true")
     pr.add_argument("--confidence", action="store_true", help="georeferenced inputs: add a confidence band (0-254, 255 = nodata) to the GeoTIFF")
+    pr.add_argument("--vector", choices=["gpkg", "geojson"], help="georeferenced inputs: also write the label map's polygons per class")
+    pr.add_argument("--min-area", type=float, default=0.0, help="--vector: drop polygons smaller than this (map units squared)")
+    pr.add_argument("--simplify", type=float, default=0.0, help="--vector: simplify outlines with this tolerance (map units)")
     pr.set_defaults(func=_cmd_predict)
 
     b = sub.add_parser("bench", help="run a benchmark protocol (resumable) and write results, tables and plots")

@@ -36,15 +36,18 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
 
 
 def remove_orphan_temps(*folders: str | os.PathLike) -> list[Path]:
-    """Delete the temporary files (``.<name>.<pid>.tmp``) that atomic writes of a killed process
+    """Delete the temporary files (``.<name>.<pid>.tmp[.<ext>]``) that atomic writes of a killed process
     left in ``folders`` (not recursive); files of a process still running are kept."""
     removed = []
     for folder in folders:
         folder = Path(folder)
         if not folder.is_dir():
             continue
-        for p in folder.glob(".*.tmp"):
-            pid = p.name[: -len(".tmp")].rsplit(".", 1)[-1]
+        for p in folder.glob(".*.tmp*"):
+            stem = p.name if p.name.endswith(".tmp") else p.name.rsplit(".", 1)[0]  # ".x.<pid>.tmp.gpkg" keeps its format's extension
+            if not stem.endswith(".tmp"):
+                continue
+            pid = stem[: -len(".tmp")].rsplit(".", 1)[-1]
             if not pid.isdigit() or _alive(int(pid)):
                 continue
             with contextlib.suppress(FileNotFoundError):

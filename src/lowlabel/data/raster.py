@@ -185,3 +185,62 @@ class GeoTiffSink:
         if not self.ds.closed:
             self.ds.close()
         self.tmp.unlink(missing_ok=True)
+
+
+VECTOR_DRIVERS = {"gpkg": "GPKG", "geojson": "GeoJSON"}
+
+
+def polygonize(labels_path: str | os.PathLike, out: str | os.PathLike, classes: Sequence[str], *, min_area: float = 0.0, simplify: float = 0.0, batch: int = 5000) -> int:
+    """Polygons of a georeferenced label raster (band 1; 255 = nodata is skipped), one feature per
+    connected region of a class (4-connectivity), with ``class_id``, ``class`` and ``area`` (map
+    units², before simplification), in the raster's CRS. ``min_area`` drops smaller regions;
+    ``simplify`` (map units) simplifies outlines, topology preserved per polygon. The raster is
+    read from disk by GDAL's polygonizer (never decoded whole) and features are written in
+    batches of ``batch`` (pyogrio); GDAL keeps the polygons of the raster in memory while it
+    traces them. Format from ``out``'s extension (.gpkg, .geojson); written to a temporary name
+    and renamed. Returns the number of features written."""
+    import pyogrio.raw
+    import rasterio
+    import rasterio.features
+    import shapely
+    from shapely.geometry import shape
+
+    out = Path(out)
+    driver = VECTOR_DRIVERS.get(out.suffix.lower().lstrip("."))
+    if driver is None:
+        raise ValueError(f"{out}: vector output must end in .gpkg or .geojson")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp{out.suffix}")  # GDAL wants the format's extension
+    n = 0
+    try:
+        with rasterio.open(labels_path) as ds:
+            crs = ds.crs.to_wkt() if ds.crs else None
+            geoms, ids, areas = [], [], []
+
+            def flush(first: bool) -> None:
+                pyogrio.raw.write(tmp, geometry=shapely.to_wkb(np.array(geoms, dtype=object)) if geoms else np.array([], dtype=object),
+                              field_data=[np.array(ids, np.int32), np.array([classes[i] for i in ids], dtype=object), np.array(areas, np.float64)],
+                              fields=["class_id", "class", "area"], crs=crs, geometry_type="Polygon", driver=driver, append=not first, layer="labels")
+                geoms.clear(), ids.clear(), areas.clear()
+
+            first = True
+            for geom, value in rasterio.features.shapes(rasterio.band(ds, 1), connectivity=4, transform=ds.transform):
+                v = int(value)
+                if v == 255 or v >= len(classes):
+                    continue
+                poly = shape(geom)
+                area = poly.area
+                if area < min_area:
+                    continue
+                if simplify > 0:
+                    poly = poly.simplify(simplify, preserve_topology=True)
+                geoms.append(poly), ids.append(v), areas.append(area)
+                n += 1
+                if len(geoms) >= batch:
+                    flush(first)
+                    first = False
+            if geoms or first:
+                flush(first)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return n

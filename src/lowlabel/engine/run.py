@@ -98,19 +98,24 @@ class Run:
         pal = np.array(self.palette + [(0, 0, 0)] * (256 - len(self.palette)), dtype=np.float32)
         return (image.astype(np.float32) * (1 - alpha) + pal[labels] * alpha).clip(0, 255).astype(np.uint8)
 
-    def predict_folder(self, images: str | Path, out: str | Path, *, overlays: bool = True, progress: bool = False, confidence: bool = False) -> list[Path]:
+    def predict_folder(self, images: str | Path, out: str | Path, *, overlays: bool = True, progress: bool = False, confidence: bool = False,
+                       vector: str | None = None, min_area: float = 0.0, simplify: float = 0.0) -> list[Path]:
         """For every image in a folder (or one image): ``<id>.png`` label maps (palette PNG,
         values = class ids) and, with ``overlays``, ``overlays/<id>.jpg`` colour blends. A
         georeferenced raster (GeoTIFF, COG, JPEG 2000, VRT; needs rasterio) gives ``<id>.tif``
         instead: a Cloud Optimized GeoTIFF on the input's grid (CRS, transform), palette as colour
         map, 255 = nodata where the input is nodata, a confidence band with ``confidence``; its
         rows are written as they are finished, so memory stays flat, and no overlay is made (a
-        GIS shows the colour map over the image)."""
+        GIS shows the colour map over the image). ``vector`` (``"gpkg"`` or ``"geojson"``) adds
+        ``<id>.<vector>``: the label map's polygons per class (:func:`lowlabel.data.raster.polygonize`,
+        ``min_area`` and ``simplify`` in map units)."""
         from PIL import Image
 
-        from ..data.raster import RASTER_EXTENSIONS, GeoTiffSink, RasterReader, have_rasterio
+        from ..data.raster import RASTER_EXTENSIONS, GeoTiffSink, RasterReader, have_rasterio, polygonize
 
         images, out = Path(images), Path(out)
+        if vector and not have_rasterio():
+            raise ImportError("vector output needs the geo extra: pip install 'lowlabel[geo]'")
         exts = tuple(dict.fromkeys(IMAGE_EXTENSIONS + RASTER_EXTENSIONS))
         files = [images] if images.is_file() else sorted(p for p in images.iterdir() if p.suffix.lower() in exts)
         if not files:
@@ -134,6 +139,9 @@ class Run:
                         sink.abort()
                         raise
                     written.append(sink.close())
+                    if vector:
+                        written.append(out / f"{f.stem}.{vector}")
+                        polygonize(written[-2], written[-1], self.classes, min_area=min_area, simplify=simplify)
                     adv()
                     continue
                 pred = self.predict(reader)
