@@ -71,7 +71,7 @@ def test_der_loss_is_zero_for_its_own_targets_without_sparsity():
 
 
 @pytest.mark.parametrize("over", [{}, {"propagation_norm": "row"}, {"dlp": False}, {"der_loss": False}, {"der_order": 0}, {"der_order": 3, "sparsity": False},
-                                  {"operator": "eq10"}, {"operator": "eq11"}, {"operator": "eq12"}])
+                                  {"operator": "eq10"}, {"operator": "eq11"}, {"operator": "eq12"}, {"unlabeled_loss": "dice"}])
 def test_one_step_with_every_ablation(over):
     torch.manual_seed(0)
     net = build_model("tiny", num_classes=3, width=4)
@@ -91,6 +91,12 @@ def test_one_step_with_every_ablation(over):
     assert {"acc_plain", "acc_propagated", "acc_rectified"} <= set(out.metrics)
     if not over.get("dlp", True):
         assert out.losses["loss_der"] == 0 and out.metrics["acc_plain"] == out.metrics["acc_rectified"]
+    if over.get("unlabeled_loss") == "dice":  # a Dice loss lies in [0, 1]; the CE run of the same step differs
+        assert 0 <= out.losses["loss_u"] <= 1
+        torch.manual_seed(0)
+        net_ce = build_model("tiny", num_classes=3, width=4)
+        ce = build_method("derprop", {"threshold": 0.0}, num_classes=3, model=net_ce)
+        assert ce.training_step(net_ce, Teacher("epoch_momentum", net_ce), lab, unl, StepContext(5, 10, 1, 4, 3)).losses["loss_u"] != out.losses["loss_u"]
 
 
 def test_refuses_similarity_matrices_that_would_not_fit():
