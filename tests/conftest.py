@@ -59,3 +59,9 @@ def tiny_config(root: Path, out: Path, method: str = "supervised", teacher: str 
     for k, v in extra.items():
         raw[k].update(v) if isinstance(v, dict) else raw.__setitem__(k, v)
     return raw
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    """Tests keep lowlabel's caches (e.g. the dataset-check verdicts) out of the user's home."""
+    monkeypatch.setenv("LOWLABEL_CACHE", str(tmp_path_factory.getbasetemp() / "lowlabel-cache"))
