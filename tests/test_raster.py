@@ -149,3 +149,40 @@ def test_vector_polygons_cover_exactly_the_predicted_pixels(tmp_path, rgb, fmt):
     assert np.array_equal(burned, labels)  # every predicted pixel in exactly its class's polygons, nodata in none
     few = run.predict_folder(src, tmp_path / "out2", vector=fmt, min_area=50.0, simplify=1.0)[1]  # 50 m² = 200 pixels
     assert 0 < pyogrio.read_info(few)["features"] < info["features"]
+
+
+def test_training_on_selected_bands_of_16_bit_rasters(tmp_path, rgb):
+    """A folder dataset of 4-band uint16 GeoTIFFs (band 4 = "NIR" noise) trains on bands [3, 2, 1]
+    with a fixed value range; evaluation and prediction read the same bands."""
+    import json
+
+    from lowlabel.api import fit
+    from lowlabel.config import load_config
+    from lowlabel.data.dataset import FolderDataset
+
+    from .conftest import make_dataset, tiny_config
+
+    src = make_dataset(tmp_path / "png")
+    root = tmp_path / "geo"
+    (root / "images").mkdir(parents=True)
+    for p in sorted((src / "images").glob("*.png")):
+        img = np.moveaxis(np.asarray(Image.open(p).convert("RGB")), 2, 0).astype(np.uint16) * 100
+        nir = np.random.default_rng(0).integers(0, 25500, img.shape[1:], dtype=np.uint16)[None]
+        _geotiff(root / "images" / f"{p.stem}.tif", np.concatenate([img[::-1], nir]))  # stored as B, G, R, NIR
+    for d in ("masks", "splits"):
+        (root / d).symlink_to(src / d)
+    (root / "dataset.json").write_text((src / "dataset.json").read_text())
+    ds = FolderDataset(root, "train", bands=[3, 2, 1], value_range=(0, 25500))
+    assert np.array_equal(ds.load(0)["image"], np.asarray(Image.open(src / "images" / "img00.png").convert("RGB")))
+    raw = tiny_config(root, tmp_path / "runs", "supervised", "none", iterations=2, data={"bands": [3, 2, 1], "value_range": [0, 25500]})
+    run = fit(load_config(raw=raw), progress=False)
+    assert run.raster_options() == ([3, 2, 1], (0.0, 25500.0))
+    assert run.evaluate(split="test")["images"] == 1
+    (out,) = run.predict_folder(root / "images" / "img05.tif", tmp_path / "pred")
+    assert out.suffix == ".tif"  # georeferenced in, georeferenced out
+    png_run_pred = run.predict(np.asarray(Image.open(src / "images" / "img05.png").convert("RGB"))).labels
+    with rasterio.open(out) as o:
+        assert np.array_equal(o.read(1), png_run_pred)
+    with pytest.raises(ValueError, match="1 or 3 band"):
+        load_config(raw={**raw, "data": {**raw["data"], "bands": [1, 2, 3, 4]}})
+    assert json.loads((tmp_path / "runs" / raw["name"] / "run.json").read_text())["dataset"] == "png"

@@ -35,6 +35,8 @@ class DataConfig(_Strict):
     weak: str | None = Field(None, description="train on these weak labels instead of masks/ (a name in dataset.json's weak_labels, e.g. 'scribbles', 'refined')")
     weak_confidence: Literal["none", "weight", "ignore"] = Field("none", description="with weak labels that have confidence maps (refine's): per-pixel loss weight, or ignore pixels below min_confidence")
     min_confidence: float = Field(0.5, ge=0.0, le=1.0, description="data.weak_confidence=ignore: pixels below this confidence are ignored")
+    bands: list[int] | None = Field(None, description="1-based raster bands in the order the network sees them, e.g. [3, 2, 1] (read by rasterio, the geo extra); None: the image as PIL reads it, in RGB")
+    value_range: tuple[float, float] | None = Field(None, description="with bands: the (low, high) raw values mapped to 0..255 for 16-bit / float rasters; None: each image's 2-98 percentiles")
     crop: int = 256
     scale: tuple[float, float] = (0.5, 2.0)  # UniMatch: random rescale ratio range
     base_size: int | None = Field(None, description="long side before rescale; None keeps the image size")
@@ -62,6 +64,13 @@ class DataConfig(_Strict):
         if num <= 0 or (num > 1 and num != int(num)):
             raise ValueError(f"{text!r}: a fraction must be in (0, 1], a count a whole number >= 1")
         return text
+
+    @field_validator("bands")
+    @classmethod
+    def _bands(cls, v):
+        if v is not None and (len(v) not in (1, 3) or any(b < 1 for b in v)):
+            raise ValueError(f"give 1 or 3 band numbers, counted from 1 (the networks take 1 or 3 channels), got {v}")
+        return v
 
     @field_validator("crop")
     @classmethod

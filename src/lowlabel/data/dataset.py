@@ -144,8 +144,21 @@ def check_image_file(path: str | os.PathLike) -> None:
         raise DatasetError(path, f"unreadable or truncated image ({err})") from None
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """An image as uint8 [H, W, 3]; grey and palette images are expanded to RGB."""
+def read_image(path: str | os.PathLike, bands: Sequence[int] | None = None, value_range: tuple[float, float] | None = None) -> np.ndarray:
+    """An image as uint8 [H, W, 3]; grey and palette images are expanded to RGB. With ``bands``
+    (1-based), a raster read by rasterio: those bands in that order, non-uint8 data scaled from
+    ``value_range`` (default: the image's 2-98 percentiles) to 0..255
+    (:class:`lowlabel.data.raster.RasterReader`)."""
+    if bands is not None:
+        from .raster import RasterReader, have_rasterio
+
+        if not have_rasterio():
+            raise ImportError("data.bands reads rasters with rasterio: pip install 'lowlabel[geo]'")
+        r = RasterReader(path, bands, value_range)
+        try:
+            return r.read(0, 0, r.height, r.width)
+        finally:
+            r.close()
     img = _open(Path(path))
     if img.mode in ("I;16", "I;16B", "I", "F"):
         arr = np.asarray(img, dtype=np.float32)
@@ -226,6 +239,7 @@ class FolderDataset(torch.utils.data.Dataset):
             ``weak_confidence``, written by ``refine``): ``"weight"`` adds ``sample["weight"]``
             (0..255, a per-pixel loss weight), ``"ignore"`` sets pixels whose confidence is below
             ``min_confidence`` to 255.
+        bands, value_range: read images as rasters (see :func:`read_image`).
         diagnostic_gt: for unlabeled samples, load the mask (when the file exists) into
             ``sample["gt"]`` — used only to *measure* pseudo-label accuracy, never in a loss.
         transform: called on the sample dict; receives ``(sample, rng)`` when it accepts two
@@ -246,6 +260,8 @@ class FolderDataset(torch.utils.data.Dataset):
         diagnostic_gt: bool = False,
         confidence: str = "none",
         min_confidence: float = 0.5,
+        bands: Sequence[int] | None = None,
+        value_range: tuple[float, float] | None = None,
     ):
         self.info = info or DatasetInfo.load(root)
         self.root = Path(root)
@@ -257,6 +273,7 @@ class FolderDataset(torch.utils.data.Dataset):
         if weak is not None and self.info.task != "semantic":
             raise DatasetError(self.root, f"weak labels train semantic segmentation; this dataset's task is {self.info.task!r}")
         self.confidence, self.min_confidence = confidence, min_confidence
+        self.bands, self.value_range = bands, value_range
         self.confidence_folder = None
         if confidence != "none" and labeled:
             folder = self.info.weak_confidence.get(weak) if weak else None
@@ -303,7 +320,7 @@ class FolderDataset(torch.utils.data.Dataset):
         """The untransformed sample: uint8 image [H,W,3] and integer label maps [H,W] as numpy."""
         sid = self.ids[index]
         ipath = self._images[sid]
-        sample: dict = {"id": sid, "image": read_image(ipath)}
+        sample: dict = {"id": sid, "image": read_image(ipath, self.bands, self.value_range)}
         h, w = sample["image"].shape[:2]
         labels: list[tuple[str, Path, bool]] = []
         if self.labeled:

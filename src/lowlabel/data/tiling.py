@@ -125,11 +125,12 @@ class ArrayReader:
         return win[..., :3]
 
 
-def open_reader(path: str | os.PathLike) -> WindowReader:
+def open_reader(path: str | os.PathLike, bands=None, value_range=None) -> WindowReader:
     """A window reader for an image file.
 
     With rasterio (the ``geo`` extra), GeoTIFF / COG / JPEG 2000 / VRT files are read by GDAL one
-    window at a time (:class:`lowlabel.data.raster.RasterReader`), compressed ones included.
+    window at a time (:class:`lowlabel.data.raster.RasterReader`), compressed ones included, with
+    ``bands`` and ``value_range`` as in ``data.bands`` / ``data.value_range``.
     Without it:
     Uncompressed (or memory-mappable) TIFFs are memory-mapped through ``tifffile`` when the
     ``geo`` extra is installed, so windows are read lazily and a mosaic larger than memory
@@ -139,8 +140,8 @@ def open_reader(path: str | os.PathLike) -> WindowReader:
     path = Path(path)
     from .raster import RASTER_EXTENSIONS, RasterReader, have_rasterio
 
-    if path.suffix.lower() in RASTER_EXTENSIONS and have_rasterio():
-        return RasterReader(path)
+    if bands is not None or (path.suffix.lower() in RASTER_EXTENSIONS and have_rasterio()):
+        return RasterReader(path, bands, value_range)
     if path.suffix.lower() in (".tif", ".tiff"):
         try:
             import tifffile

@@ -48,6 +48,8 @@ def validate_dataset(
     read_pixels: bool = True,
     only_listed: bool = False,
     cache: bool = False,
+    bands: Sequence[int] | None = None,
+    value_range: tuple[float, float] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> Report:
     """Check ``root`` and return a :class:`Report` listing every problem.
@@ -118,7 +120,7 @@ def validate_dataset(
                 continue
             n_problems = len(problems)
             try:
-                img = read_image(ipath)
+                img = read_image(ipath, bands, value_range)
             except DatasetError as err:
                 problems.append(Problem(err.path, err.problem))
                 continue
@@ -195,11 +197,13 @@ def _verdict_cache(root: Path, num_classes: int):
     return passed, save
 
 
-def require_valid(root: str | Path, *, splits: Sequence[str] | None = None, extra_split_files: Sequence[str | Path] = (), read_pixels: bool = False) -> DatasetInfo:
+def require_valid(root: str | Path, *, splits: Sequence[str] | None = None, extra_split_files: Sequence[str | Path] = (), read_pixels: bool = False,
+                  bands: Sequence[int] | None = None, value_range: tuple[float, float] | None = None) -> DatasetInfo:
     """The guard a command runs before it writes anything: raise :class:`DatasetError` listing
     every problem. ``read_pixels`` decodes every image (and its labels) that the named
     ``splits`` and ``extra_split_files`` list, with verdicts cached by file size and time."""
-    report = validate_dataset(root, splits=splits, extra_split_files=extra_split_files, read_pixels=read_pixels, only_listed=read_pixels, cache=read_pixels)
+    report = validate_dataset(root, splits=splits, extra_split_files=extra_split_files, read_pixels=read_pixels, only_listed=read_pixels, cache=read_pixels,
+                              bands=bands, value_range=value_range)
     if not report.ok:
         if len(report.problems) == 1:
             raise DatasetError(None, f"dataset {root}: {report.problems[0]}")

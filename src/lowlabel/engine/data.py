@@ -72,7 +72,7 @@ def _splits_holding(root: Path, ids: list[str], exclude: str) -> str:
 def build_sets(cfg: DataConfig, n_strong: int, seed: int, need_unlabeled: bool):
     labeled_ids, unlabeled_ids = resolve_split(cfg)
     lab = FolderDataset(cfg.root, labeled_ids, labeled=True, weak=cfg.weak, transform=LabeledTransform(cfg.crop, tuple(cfg.scale), cfg.base_size, cfg.resize, cfg.rotate), seed=seed,
-                        confidence=cfg.weak_confidence, min_confidence=cfg.min_confidence)
+                        confidence=cfg.weak_confidence, min_confidence=cfg.min_confidence, bands=cfg.bands, value_range=cfg.value_range)
     missing = [i for i in labeled_ids if not lab.label_file(i)[1].is_file()]
     if missing:
         folder = lab.label_file(missing[0])[1].parent
@@ -85,7 +85,7 @@ def build_sets(cfg: DataConfig, n_strong: int, seed: int, need_unlabeled: bool):
         unl = FolderDataset(
             cfg.root, unlabeled_ids, labeled=False, info=lab.info,
             transform=UnlabeledTransform(cfg.crop, tuple(cfg.scale), cfg.base_size, n_strong=n_strong, resize=cfg.resize, rotate=cfg.rotate), seed=seed + 1,
-            diagnostic_gt=cfg.unlabeled_gt,
+            diagnostic_gt=cfg.unlabeled_gt, bands=cfg.bands, value_range=cfg.value_range,
         )
     return lab, unl
 

@@ -36,6 +36,10 @@ class Run:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    def raster_options(self) -> tuple:
+        """(bands, value_range) the model was trained with (``data.bands``), for reading inputs alike."""
+        return (self.config.data.bands, self.config.data.value_range) if self.config else (None, None)
+
     @classmethod
     def load(cls, path: str | Path, device: str = "auto") -> "Run":
         """From a run directory (its best checkpoint, else its last) or a checkpoint file."""
@@ -72,7 +76,7 @@ class Run:
         ``sink(y0, labels_rows, confidence_rows)``: receive the rows as they are finished
         instead of whole arrays (flat memory; e.g. :class:`lowlabel.data.raster.GeoTiffSink`)."""
         if isinstance(image, (str, Path)):
-            image = open_reader(image)
+            image = open_reader(image, *self.raster_options())
         e = self.eval_cfg
         return sliding_window(
             for_eval(self.model, e), image, self.num_classes, tile=e.tile, overlap=e.overlap, weighting=e.weighting,
@@ -85,10 +89,11 @@ class Run:
         root = data or self.data_root
         if root is None:
             raise ValueError("give the dataset folder (--data)")
-        info = require_valid(root, splits=[split], read_pixels=True)
+        bands, value_range = self.raster_options()
+        info = require_valid(root, splits=[split], read_pixels=True, bands=bands, value_range=value_range)
         if info.num_classes != self.num_classes:
             raise DatasetError(root, f"dataset has {info.num_classes} classes, the model {self.num_classes}")
-        ds = FolderDataset(root, split, labeled=True, info=info)
+        ds = FolderDataset(root, split, labeled=True, info=info, bands=bands, value_range=value_range)
         scores = evaluate_model(self.model, ds, num_classes=self.num_classes, eval_cfg=self.eval_cfg.model_copy(update={"max_images": None}), device=self.device, progress=progress)
         out = scores.summary(info.classes)
         out.update({"images": len(ds), "split": split, "dataset": info.name})
@@ -121,8 +126,9 @@ class Run:
         if not files:
             raise FileNotFoundError(f"{images}: no images ({', '.join(exts)})")
         for f in files:  # every input checked before the first output is written
-            if f.suffix.lower() in RASTER_EXTENSIONS and have_rasterio():
-                r = RasterReader(f)
+            bands, value_range = self.raster_options()
+            if bands is not None or (f.suffix.lower() in RASTER_EXTENSIONS and have_rasterio()):
+                r = RasterReader(f, bands, value_range)
                 r.check()
                 r.close()
             else:
@@ -130,7 +136,7 @@ class Run:
         written = []
         with progress_bar("predicting", len(files), enabled=progress) as adv:
             for f in files:
-                reader = open_reader(f)
+                reader = open_reader(f, *self.raster_options())
                 if getattr(reader, "georeferenced", False):
                     sink = GeoTiffSink(out / f"{f.stem}.tif", reader, self.palette, confidence=confidence)
                     try:

@@ -174,6 +174,7 @@ class Trainer:
         self.info = require_valid(
             d.root, splits=[s for s in (d.train_split, d.val_split, d.test_split) if s],
             extra_split_files=[f for f in (d.labeled, d.unlabeled) if f and f.endswith(".txt")], read_pixels=True,
+            bands=d.bands, value_range=d.value_range,
         )
         if self.info.task not in ("semantic", "instance"):
             raise DatasetError(cfg.data.root, f"task {self.info.task!r} cannot be trained by `fit`")
@@ -212,7 +213,7 @@ class Trainer:
         if cfg.data.val_split:
             from ..data.dataset import FolderDataset
 
-            self.val_set = FolderDataset(cfg.data.root, cfg.data.val_split, labeled=True, info=self.info)
+            self.val_set = FolderDataset(cfg.data.root, cfg.data.val_split, labeled=True, info=self.info, bands=cfg.data.bands, value_range=cfg.data.value_range)
         self.iteration = 0
         self.best = {"value": -1.0, "iteration": None, "metrics": None}
         self._evaluated = None  # (iteration, network) of the last evaluation_model()
