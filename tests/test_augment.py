@@ -73,3 +73,20 @@ def test_rescale_crop_matches_rescale_then_crop():
         assert new["image"].shape == (3, size, size)
         assert torch.allclose(ref["image"], new["image"], atol=1e-4)
         assert torch.equal(ref["mask"], new["mask"]) and torch.equal(ref["valid"], new["valid"])
+
+
+def test_source_coordinates_map_the_original_frame_onto_every_view(tiny_dataset):
+    """``src_y`` / ``src_x`` move with the pixels through every augmentation (rescale + crop,
+    flips, rot90, free rotation, whole-image resize): gathering the untransformed mask at them
+    gives the transformed mask exactly; padding points nowhere."""
+    from lowlabel.data.dataset import FolderDataset
+
+    for kw in (dict(resize=True, rotate="medical"), dict(scale=(0.5, 2.0)), dict(scale=(2.0, 3.0), rotate="medical")):
+        ds = FolderDataset(tiny_dataset, "train", coords=True, transform=LabeledTransform(32, **kw))
+        for i in range(len(ds)):
+            raw = torch.from_numpy(ds.load(i)["mask"].astype(np.int64))
+            for epoch in range(6):
+                s = ds[(i, epoch)]
+                inside = (s["src_y"] >= 0) & (s["src_x"] >= 0)
+                assert torch.equal(raw[s["src_y"][inside], s["src_x"][inside]], s["mask"][inside])
+                assert (s["mask"][~inside] == 255).all()

@@ -4,7 +4,9 @@ Every function takes ``rng``, a ``numpy.random.Generator``; the dataset seeds it
 ``(seed, epoch, index)`` so a run is reproducible whatever the number of loader workers.
 
 Label maps move with the image: ``mask`` and ``gt`` (padding = 255, nearest resampling),
-``weight`` (per-pixel loss weights 0..255, padding = 0),
+``weight`` (per-pixel loss weights 0..255, padding = 0), ``src_y`` / ``src_x`` (each pixel's
+row and column in the untransformed image, padding = -1: how a method maps a per-image map kept
+in the original frame, e.g. SeSAM's SAM labels, onto the augmented view),
 ``instances`` (padding = 0), and ``valid`` (bool, False on padding) which is added by
 :func:`weak` so that unlabeled losses can skip padded pixels without a fake mask.
 """
@@ -21,7 +23,8 @@ from torchvision.transforms.v2 import functional as TF
 
 from ..data.dataset import IGNORE_INDEX
 
-LABEL_KEYS = {"mask": IGNORE_INDEX, "weight": 0, "instances": 0, "valid": 0, "gt": IGNORE_INDEX}
+LABEL_KEYS = {"mask": IGNORE_INDEX, "weight": 0, "instances": 0, "valid": 0, "gt": IGNORE_INDEX, "src_y": -1, "src_x": -1}
+WIDE_KEYS = ("instances", "src_y", "src_x")  # label maps whose values exceed uint8 (rotated as int32)
 
 
 def _labels(sample: dict) -> list[str]:
@@ -158,7 +161,7 @@ def rotate_medical(sample: dict, rng: np.random.Generator, max_angle: float = 20
         sample["image"] = TF.rotate(sample["image"], angle, interpolation=TF.InterpolationMode.BILINEAR, fill=0.0)
         for key in _labels(sample):
             lab = sample[key][None]
-            rot = TF.rotate(lab.to(torch.uint8 if key != "instances" else torch.int32), angle, interpolation=TF.InterpolationMode.NEAREST, fill=LABEL_KEYS[key])
+            rot = TF.rotate(lab.to(torch.int32 if key in WIDE_KEYS else torch.uint8), angle, interpolation=TF.InterpolationMode.NEAREST, fill=LABEL_KEYS[key])
             sample[key] = rot[0].to(sample[key].dtype)
     return sample
 
@@ -228,16 +231,22 @@ def mix(box: torch.Tensor, target: torch.Tensor, source: torch.Tensor) -> torch.
 
 @dataclass
 class LabeledTransform:
-    """Weak augmentation of a labeled sample."""
+    """Weak augmentation of a labeled sample; with ``n_strong``, also ``strong`` [n, 3, S, S]
+    photometric strong views of it (same geometry; for methods that pseudo-label their weakly
+    labeled images, e.g. SeSAM)."""
 
     size: int
     scale: tuple[float, float] = (0.5, 2.0)
     base_size: int | None = None
     resize: bool = False
     rotate: str = "none"
+    n_strong: int = 0
 
     def __call__(self, sample: dict, rng: np.random.Generator) -> dict:
-        return weak(sample, rng, self.size, self.scale, self.base_size, resize=self.resize, rotate=self.rotate)
+        s = weak(sample, rng, self.size, self.scale, self.base_size, resize=self.resize, rotate=self.rotate)
+        if self.n_strong:
+            s["strong"] = torch.stack([strong(s["image"], rng) for _ in range(self.n_strong)])
+        return s
 
 
 @dataclass

@@ -240,6 +240,8 @@ class FolderDataset(torch.utils.data.Dataset):
             (0..255, a per-pixel loss weight), ``"ignore"`` sets pixels whose confidence is below
             ``min_confidence`` to 255.
         bands, value_range: read images as rasters (see :func:`read_image`).
+        coords: add ``src_y`` / ``src_x``, each pixel's row and column, which the augmentations
+            move with the pixels (a method maps per-image maps of the original frame with them).
         diagnostic_gt: for unlabeled samples, load the mask (when the file exists) into
             ``sample["gt"]`` — used only to *measure* pseudo-label accuracy, never in a loss.
         transform: called on the sample dict; receives ``(sample, rng)`` when it accepts two
@@ -262,6 +264,7 @@ class FolderDataset(torch.utils.data.Dataset):
         min_confidence: float = 0.5,
         bands: Sequence[int] | None = None,
         value_range: tuple[float, float] | None = None,
+        coords: bool = False,
     ):
         self.info = info or DatasetInfo.load(root)
         self.root = Path(root)
@@ -274,6 +277,7 @@ class FolderDataset(torch.utils.data.Dataset):
             raise DatasetError(self.root, f"weak labels train semantic segmentation; this dataset's task is {self.info.task!r}")
         self.confidence, self.min_confidence = confidence, min_confidence
         self.bands, self.value_range = bands, value_range
+        self.coords = coords
         self.confidence_folder = None
         if confidence != "none" and labeled:
             folder = self.info.weak_confidence.get(weak) if weak else None
@@ -343,6 +347,8 @@ class FolderDataset(torch.utils.data.Dataset):
                 sample["weight"] = conf
             else:
                 sample["mask"] = np.where(conf < round(self.min_confidence * 255), IGNORE_INDEX, sample["mask"]).astype(np.uint8)
+        if self.coords:
+            sample["src_y"], sample["src_x"] = np.indices((h, w), dtype=np.int32)
         if self.info.task == "instance" and "instances" in sample:
             sample["mask"] = (sample["instances"] > 0).astype(np.uint8)
         return sample
