@@ -90,7 +90,7 @@ def _with_scribbles(src, dst):
     return dst
 
 
-@pytest.mark.parametrize("method,teacher", [("pce", "none"), ("fixmatch", "ema")])
+@pytest.mark.parametrize("method,teacher", [("pce", "none"), ("fixmatch", "ema"), ("sesam", "ema")])
 def test_weak_runs_never_read_dense_train_masks(tiny_dataset, tmp_path, method, teacher):
     """The leak test: training with weak labels gives the same steps with every train mask
     deleted, and not the steps of training on the dense masks."""
@@ -103,7 +103,7 @@ def test_weak_runs_never_read_dense_train_masks(tiny_dataset, tmp_path, method, 
     for name, root, weak in (("with", with_masks, "scribbles"), ("without", without, "scribbles"), ("dense", with_masks, None)):
         raw = tiny_config(root, tmp_path / f"runs-{name}", method, teacher, iterations=3, data={"weak": weak})
         if weak is None:
-            raw["method"]["name"] = "supervised" if method == "pce" else method
+            raw["method"]["name"] = "supervised" if method in ("pce", "sesam") else method
         fit(load_config(raw=raw), progress=False)
         runs[name] = [json.loads(l) for l in (tmp_path / f"runs-{name}" / raw["name"] / "metrics.jsonl").read_text().splitlines() if '"val"' not in l]
     assert [r["loss"] for r in runs["with"]] == [r["loss"] for r in runs["without"]]

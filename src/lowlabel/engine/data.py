@@ -69,10 +69,11 @@ def _splits_holding(root: Path, ids: list[str], exclude: str) -> str:
     return ", ".join(names)
 
 
-def build_sets(cfg: DataConfig, n_strong: int, seed: int, need_unlabeled: bool):
+def build_sets(cfg: DataConfig, n_strong: int, seed: int, need_unlabeled: bool, *, labeled_strong: int = 0, coords: bool = False):
     labeled_ids, unlabeled_ids = resolve_split(cfg)
-    lab = FolderDataset(cfg.root, labeled_ids, labeled=True, weak=cfg.weak, transform=LabeledTransform(cfg.crop, tuple(cfg.scale), cfg.base_size, cfg.resize, cfg.rotate), seed=seed,
-                        confidence=cfg.weak_confidence, min_confidence=cfg.min_confidence, bands=cfg.bands, value_range=cfg.value_range)
+    lab = FolderDataset(cfg.root, labeled_ids, labeled=True, weak=cfg.weak, seed=seed,
+                        transform=LabeledTransform(cfg.crop, tuple(cfg.scale), cfg.base_size, cfg.resize, cfg.rotate, n_strong=labeled_strong),
+                        confidence=cfg.weak_confidence, min_confidence=cfg.min_confidence, bands=cfg.bands, value_range=cfg.value_range, coords=coords)
     missing = [i for i in labeled_ids if not lab.label_file(i)[1].is_file()]
     if missing:
         folder = lab.label_file(missing[0])[1].parent

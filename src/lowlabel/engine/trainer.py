@@ -40,7 +40,7 @@ from ..errors import CheckpointError, ConfigError, DivergenceError, RunExistsErr
 from ..data.validate import require_valid
 from ..eval.inference import for_eval, sliding_window
 from ..eval.metrics import Scores
-from ..methods import StepContext, build_method, get_method_class
+from ..methods import RunContext, StepContext, build_method, get_method_class
 from ..models import build_model
 from ..utils import atomic_torch_save, atomic_write_json, atomic_write_text, console, progress_bar, remove_orphan_temps, resolve_device
 from .data import Stream, build_sets
@@ -186,7 +186,8 @@ class Trainer:
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
 
-        self.labeled_set, self.unlabeled_set = build_sets(cfg.data, mcls.n_strong, cfg.train.seed, mcls.uses_unlabeled)
+        self.labeled_set, self.unlabeled_set = build_sets(cfg.data, mcls.n_strong, cfg.train.seed, mcls.uses_unlabeled,
+                                                          labeled_strong=mcls.labeled_strong, coords=mcls.needs_coords)
         pin = self.device.type == "cuda"
         self.lab_stream = Stream(self.labeled_set, cfg.data.labeled_batch, seed=cfg.train.seed, workers=cfg.data.workers, rank=self.rank, world=self.world, pin=pin)
         self.unl_stream = (
@@ -201,6 +202,8 @@ class Trainer:
         self.method = build_method(cfg.method.name, cfg.method.params, num_classes=self.num_classes, model=self.student).to(self.device)
         kind = cfg.teacher.kind
         self.teacher = Teacher(kind, self.student, cfg.teacher.decay)
+        if mcls.needs_run:
+            self.method.attach(RunContext(self.labeled_set, self.run_dir, self.device, cfg.eval, cfg.train.seed, kind))
         self.optimizer = build_optimizer(cfg.optim, self.student, self.method)
         self.use_amp = self.device.type == "cuda" and cfg.train.amp in (True, "auto")
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)

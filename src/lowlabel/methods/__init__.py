@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from .base import Method, MethodParams, StepContext, StepOutput
+from .base import Method, MethodParams, RunContext, StepContext, StepOutput
 from .derprop import DerProp
 from .fixmatch import FixMatch
 from .regionmatch import RegionMatch
+from .sesam import SeSAM
 from .supervised import PartialCE, Supervised
 from .unimatch import UniMatch
 
@@ -16,6 +17,7 @@ METHODS: dict[str, type[Method]] = {
     "unimatch": UniMatch,
     "regionmatch": RegionMatch,
     "derprop": DerProp,
+    "sesam": SeSAM,
 }
 
 
@@ -30,4 +32,4 @@ def build_method(name: str, params: dict | None, *, num_classes: int, model=None
     return get_method_class(name)(params, num_classes=num_classes, model=model)
 
 
-__all__ = ["METHODS", "Method", "MethodParams", "StepContext", "StepOutput", "build_method", "get_method_class"]
+__all__ = ["METHODS", "Method", "MethodParams", "RunContext", "StepContext", "StepOutput", "build_method", "get_method_class"]

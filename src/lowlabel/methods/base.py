@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from pathlib import Path
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,18 @@ class LossParams(MethodParams):
 
     labeled_loss: Literal["ce", "ce_dice"] = "ce"  # ce_dice: (CE + Dice) / 2
     unlabeled_loss: Literal["ce", "dice"] = "ce"  # dice: Dice on softmax, low-confidence pixels ignored
+
+
+@dataclass
+class RunContext:
+    """What the engine hands a method that needs the run's data (``needs_run``)."""
+
+    labeled_set: Any  # the labeled FolderDataset (weak labels as ``mask`` with data.weak)
+    run_dir: Path
+    device: torch.device
+    eval_cfg: Any
+    seed: int
+    teacher_kind: str
 
 
 @dataclass
@@ -76,6 +89,9 @@ class Method(nn.Module, abc.ABC):
     n_strong: ClassVar[int] = 0  # strong views each unlabeled sample needs
     default_teacher: ClassVar[str] = "none"
     needs_weak: ClassVar[bool] = False  # trains on weak labels only (data.weak must be set)
+    labeled_strong: ClassVar[int] = 0  # strong views each labeled sample needs
+    needs_coords: ClassVar[bool] = False  # labeled samples carry src_y / src_x (source-coordinate maps)
+    needs_run: ClassVar[bool] = False  # the engine calls attach(RunContext) before training
 
     def __init__(self, params: MethodParams | dict | None = None, *, num_classes: int, model=None):
         super().__init__()
@@ -85,6 +101,10 @@ class Method(nn.Module, abc.ABC):
     @abc.abstractmethod
     def training_step(self, student, teacher, labeled: dict, unlabeled: dict | None, ctx: StepContext) -> StepOutput:
         """One step's losses. ``teacher`` is an :class:`lowlabel.engine.teachers.Teacher` or None."""
+
+    def attach(self, run: "RunContext") -> None:
+        """Called once by the engine before training when ``needs_run``: the run's labeled data,
+        folder and device, for methods that keep per-image state (SeSAM's SAM labels)."""
 
     def on_epoch_end(self, epoch: int, ctx: StepContext) -> None:
         """Called by the engine after each epoch (after the teacher's epoch update)."""

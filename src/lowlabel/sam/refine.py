@@ -66,7 +66,12 @@ def _paint(labels, conf, masks: list[np.ndarray], classes: list[int], scores: li
         conf[win] = s
 
 
-def refine_image(image: np.ndarray, weak: np.ndarray | None, num_classes: int, segmenter: PromptableSegmenter, settings: RefineSettings, rng: np.random.Generator, *, probs: np.ndarray | None = None, embedding=None) -> tuple[np.ndarray, np.ndarray]:
+def refine_image(image: np.ndarray, weak: np.ndarray | None, num_classes: int, segmenter: PromptableSegmenter, settings: RefineSettings, rng: np.random.Generator, *, probs: np.ndarray | None = None, embedding=None,
+                 override: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, confidence) of one image from its weak label map (see the module docstring).
+    ``override``: the pixels whose weak label wins over the segmenter's (default: every
+    annotated pixel of ``weak``; SeSAM prompts from weak labels extended by confident teacher
+    pixels but lets only the original weak labels override SAM)."""
     st = settings
     emb = embedding if embedding is not None else segmenter.embed(image)
     if st.weak_kind == "probs":
@@ -108,8 +113,9 @@ def refine_image(image: np.ndarray, weak: np.ndarray | None, num_classes: int, s
             chosen.append(seg.masks[i, j])
             scores.append(float(np.clip(seg.scores[i, j], 1e-3, 0.999)))
         _paint(labels, conf, chosen, cls, scores)
-    labels[annotated] = weak[annotated]
-    conf[annotated] = 1.0
+    keep = annotated if override is None else override
+    labels[keep] = weak[keep]
+    conf[keep] = 1.0
     return labels, conf
 
 
