@@ -7,7 +7,9 @@ recomputed every M = 4 iterations for the images of that batch, as in training. 
 cache is filled by a first pass over the same schedule (reported as the one-off cost per image),
 then a fresh run with the same seed is timed: the steady state of a run, where every image has
 been embedded once. Neural backends have random weights of the real architecture (the cost of a
-forward pass does not depend on the weights).
+forward pass does not depend on the weights); with them the scribbles are prompted as they are
+(``weak_kind: coarse``): growing scribbles with random masks paints noise whose speckle, not the
+method, would set the number of prompts.
 
     python benchmarks/sesam_speed.py [--backends classical mobilesam sam:vit_b] [--steps 16]
 """
@@ -83,7 +85,10 @@ def main(argv=None) -> int:
         for spec in args.backends:
             backend, _, model_type = spec.partition(":")
             params = {"backend": backend, "model_type": model_type or None, "allow_random_weights": backend != "classical",
-                      "cache": str(tmp / f"cache-{backend}-{model_type}")}
+                      "cache": str(tmp / f"cache-{backend}-{model_type}"),
+                      # random weights make the scribble-growing step's masks noise, whose speckle would set the
+                      # number of prompts; prompting the scribbles as they are gives the count real weights give
+                      "weak_kind": "coarse" if backend != "classical" else "auto"}
             t0 = time.perf_counter()
             _, warm = step_times(config("sesam", tmp / f"w-{spec}", params, args.batch, args.steps), args.steps)  # fills the cache
             embeds = warm.method.cache.misses

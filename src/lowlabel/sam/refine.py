@@ -24,13 +24,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ..data.dataset import IGNORE_INDEX, DatasetInfo, read_ids, read_image, read_label, write_label
 from ..data.weak import derive_dataset
 from ..errors import ConfigError
 from ..eval.metrics import ConfusionMatrix
 from ..utils import remove_orphan_temps
-from .base import PromptableSegmenter, Prompts
+from .base import PromptableSegmenter, Prompts, Segments
 from .prompts import instances, sample_points, select_mask
 
 WEAK_KINDS = ("coarse", "scribble", "point", "probs")
@@ -51,6 +52,18 @@ class RefineSettings:
     def __post_init__(self):
         if self.weak_kind not in WEAK_KINDS:
             raise ValueError(f"unknown weak label kind {self.weak_kind!r}; choose from {WEAK_KINDS}")
+
+
+def _segment(segmenter: PromptableSegmenter, emb, point_sets: list[np.ndarray], chunk: int = 32):
+    """``segmenter.segment`` over the point sets in chunks of ``chunk``: SAM's decoder copies the
+    image embedding once per prompt (4 MB each for SAM), so thousands of instances at once would
+    need tens of GB."""
+    parts = [segmenter.segment(emb, _prompt_batch(point_sets[i : i + chunk])) for i in range(0, len(point_sets), chunk)]
+    if len(parts) == 1:
+        return parts[0]
+    low = [p.low_res_logits for p in parts]
+    return Segments(np.concatenate([p.masks for p in parts]), np.concatenate([p.scores for p in parts]),
+                    torch.cat(low) if all(x is not None for x in low) else None)
 
 
 def _prompt_batch(point_sets: list[np.ndarray]) -> Prompts:
@@ -84,12 +97,14 @@ def refine_image(image: np.ndarray, weak: np.ndarray | None, num_classes: int, s
         sets, cls, weaks = [], [], []
         for c in range(num_classes):
             for inst in instances(weak == c):
+                if override is not None and not (inst & override).any():
+                    continue  # only weak labels are sparse: pixels added to them (a teacher's) need no growing
                 pts = sample_points(inst, st.points, "random", rng)
                 sets.append(pts)
                 cls.append(c)
                 weaks.append(inst)
         if sets:
-            seg = segmenter.segment(emb, _prompt_batch(sets))
+            seg = _segment(segmenter, emb, sets)
             grown, gconf = coarse.copy(), annotated.astype(np.float32)
             chosen = [seg.masks[i, select_mask(seg.masks[i], seg.scores[i], "smallest", rng)] for i in range(len(sets))]
             _paint(grown, gconf, chosen, cls, [0.5] * len(chosen))  # first come, first served
@@ -106,7 +121,7 @@ def refine_image(image: np.ndarray, weak: np.ndarray | None, num_classes: int, s
                 cls.append(c)
                 weaks.append(inst)
     if sets:
-        seg = segmenter.segment(emb, _prompt_batch(sets))
+        seg = _segment(segmenter, emb, sets)
         chosen, scores = [], []
         for i in range(len(sets)):
             j = select_mask(seg.masks[i], seg.scores[i], st.selection, rng, weak=weaks[i], tau1=st.tau1, tau2=st.tau2)
