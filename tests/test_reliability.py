@@ -89,7 +89,7 @@ def test_verdicts_are_cached_and_invalidated(tiny_dataset, tmp_path, capsys, mon
 
     reads = []
     real = validate.read_image
-    monkeypatch.setattr(validate, "read_image", lambda p: reads.append(p) or real(p))
+    monkeypatch.setattr(validate, "read_image", lambda p, *a: reads.append(p) or real(p, *a))
     validate.require_valid(tiny_dataset, splits=["train", "val"], read_pixels=True)
     assert len(reads) == 5  # train (4) + val (1): the test image is not touched
     validate.require_valid(tiny_dataset, splits=["train", "val"], read_pixels=True)
