@@ -65,12 +65,18 @@ def _colour_run():
     return Run(model, ["red", "green", "blue"], [(255, 0, 0), (0, 255, 0), (0, 0, 255)])
 
 
-def test_prediction_is_a_cog_on_the_input_grid(tmp_path, rgb):
+def _scene_with_nodata(tmp_path, rgb):
+    """in/scene.tif: the tile with a 40 x 60 nodata corner (0 in every band)."""
     src = tmp_path / "in"
     src.mkdir()
     rgb = rgb.copy()
     rgb[:, :40, :60] = 0
     _geotiff(src / "scene.tif", rgb, nodata=0)
+    return src, rgb
+
+
+def test_prediction_is_a_cog_on_the_input_grid(tmp_path, rgb):
+    src, rgb = _scene_with_nodata(tmp_path, rgb)
     run = _colour_run()
     (out,) = run.predict_folder(src, tmp_path / "out", confidence=True)
     assert out.name == "scene.tif" and not list((tmp_path / "out").glob(".*"))  # no temporary left
@@ -131,11 +137,7 @@ def test_vector_polygons_cover_exactly_the_predicted_pixels(tmp_path, rgb, fmt):
     from rasterio.features import rasterize
     from shapely import from_wkb
 
-    src = tmp_path / "in"
-    src.mkdir()
-    rgb = rgb.copy()
-    rgb[:, :40, :60] = 0
-    _geotiff(src / "scene.tif", rgb, nodata=0)
+    src, rgb = _scene_with_nodata(tmp_path, rgb)
     run = _colour_run()
     tif, vec = run.predict_folder(src, tmp_path / "out", vector=fmt)
     assert vec.name == f"scene.{fmt}"
