@@ -2,9 +2,7 @@
 (weak > SAM > pseudo), refresh every M iterations, exact resume with the SAM labels, and the
 settings it refuses."""
 
-import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -12,7 +10,7 @@ from lowlabel.api import fit
 from lowlabel.config import load_config
 from lowlabel.engine.trainer import Trainer
 from lowlabel.errors import ConfigError
-from lowlabel.methods import StepContext, build_method
+from lowlabel.methods import build_method
 
 from .conftest import make_dataset, tiny_config
 from .test_weak_refine import _with_scribbles

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ..config import Config, EvalConfig
-from ..data.dataset import IMAGE_EXTENSIONS, DatasetError, check_image_file, DatasetInfo, FolderDataset, write_label
+from ..data.dataset import IMAGE_EXTENSIONS, DatasetError, check_image_file, FolderDataset, write_label
 from ..data.validate import require_valid
 from ..data.tiling import WindowReader, open_reader
 from ..eval.inference import Prediction, for_eval, sliding_window
