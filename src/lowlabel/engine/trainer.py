@@ -471,6 +471,10 @@ class Trainer:
             for k, v in summary.items():
                 t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
             con.print(t)
+        if self.distributed and self.iteration >= self.total:  # the group this trainer opened: close it, or gloo's
+            dist.barrier()  # threads may abort the process at exit ("terminate called without an active exception")
+            dist.destroy_process_group()
+            self.distributed = False
         return summary
 
 
