@@ -30,8 +30,12 @@ def test_method_contract_one_cpu_step(tiny_dataset, name, teacher_kind):
         from lowlabel.config import EvalConfig
         from lowlabel.methods import RunContext
 
-        if teacher_kind != "ema":
-            pytest.skip(f"{name} pseudo-labels with an EMA teacher; other kinds are refused at attach (tested with the method)")
+        from lowlabel.errors import ConfigError
+
+        if teacher_kind != "ema":  # the contract for other teachers: refused before any step
+            with pytest.raises(ConfigError, match="teacher.kind=ema"):
+                method.attach(RunContext(lab_set, tiny_dataset.parent / "run", torch.device("cpu"), EvalConfig(tile=64), 0, teacher_kind))
+            return
         method.attach(RunContext(lab_set, tiny_dataset.parent / "run", torch.device("cpu"), EvalConfig(tile=64), 0, teacher_kind))
     if method.uses_unlabeled:
         method.p = method.p.model_copy(update={"threshold": 0.0})  # so every unlabeled term is active on a random net

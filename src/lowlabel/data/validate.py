@@ -174,6 +174,7 @@ def _verdict_cache(root: Path, num_classes: int):
     """(ids that passed -> their files' signature, save function) for a dataset folder, kept in
     ``$LOWLABEL_CACHE`` (default ``~/.cache/lowlabel``)/checked/. Only passes are cached, so a
     problem is reported on every run until it is fixed. An unwritable cache folder is skipped."""
+    import contextlib
     import hashlib
     import json
     import os
@@ -189,10 +190,8 @@ def _verdict_cache(root: Path, num_classes: int):
     def save(verdicts: dict) -> None:
         from ..utils import atomic_write_json
 
-        try:
+        with contextlib.suppress(OSError):  # a read-only home: the check still ran, only its memory is lost
             atomic_write_json(path, {"root": str(root.resolve()), "num_classes": num_classes, "passed": verdicts})
-        except OSError:
-            pass
 
     return passed, save
 
