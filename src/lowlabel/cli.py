@@ -73,7 +73,13 @@ def _cmd_evaluate(args) -> int:
 
         run = Run.load(target, device=args.device)
         summary = run.evaluate(args.data, split=args.split, progress=True)
-    console().print(metrics_table(summary, f"{summary['dataset']} / {summary['split']} ({summary['images']} images)"))
+    title = f"{summary['dataset']} / {summary['split']} ({summary['images']} images)"
+    if summary.get("task") == "instance":
+        from .eval.instances import instance_table
+
+        console().print(instance_table(summary, title))
+    else:
+        console().print(metrics_table(summary, title))
     if args.out:
         atomic_write_json(args.out, summary)
         print(f"metrics -> {args.out}")

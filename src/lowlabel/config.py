@@ -122,7 +122,7 @@ class TrainConfig(_Strict):
     amp: bool | Literal["auto"] = "auto"  # on for CUDA, off on CPU
     seed: int = 0
     deterministic: bool = False
-    select: Literal["miou", "dice_mean"] = Field("miou", description="validation metric that picks the best checkpoint")
+    select: Literal["miou", "dice_mean", "ap", "ap50"] = Field("miou", description="validation metric that picks the best checkpoint (miou / dice_mean: semantic runs; ap / ap50: instance runs, where the default miou means ap)")
     grad_norm_every: int = Field(0, ge=0, description="every N steps, log the encoder gradient norm of each weighted loss term (0: off)")
 
     @model_validator(mode="after")
@@ -245,11 +245,21 @@ def config_error(err: ValidationError, source: str | Path | None = None, prefix:
     return ConfigError(f"{source}: " * bool(source) + "; ".join(parts))
 
 
+def task_of(cfg: Config) -> str:
+    """``"instance"`` for an instance model (``model.arch: maskrcnn``), else ``"semantic"``."""
+    from .models.instance import INSTANCE_ARCHS
+
+    return "instance" if cfg.model.arch in INSTANCE_ARCHS else "semantic"
+
+
 def resolve_method_params(cfg: Config) -> Config:
     """Validate ``method.params`` against the method's own schema and fill in its defaults."""
     from .methods import get_method_class
 
-    cls = get_method_class(cfg.method.name)
+    try:
+        cls = get_method_class(cfg.method.name, task_of(cfg))
+    except ValueError as err:
+        raise ConfigError(f"method.name: {err}") from None
     try:
         params = cls.Params(**cfg.method.params)
     except ValidationError as err:

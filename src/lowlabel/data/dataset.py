@@ -183,12 +183,17 @@ def read_label(path: str | os.PathLike, *, sixteen_bit: bool = False) -> np.ndar
     return arr
 
 
-def write_label(path: str | os.PathLike, labels: np.ndarray, palette: Sequence[Sequence[int]] | None = None) -> None:
-    """Write a label map as PNG, atomically. With a palette the PNG shows colours but keeps indices."""
+def write_label(path: str | os.PathLike, labels: np.ndarray, palette: Sequence[Sequence[int]] | None = None, *, sixteen_bit: bool = False) -> None:
+    """Write a label map as PNG, atomically. With a palette the PNG shows colours but keeps indices.
+    ``sixteen_bit``: always a 16-bit PNG (instance id maps), whatever the largest value."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     arr = np.asarray(labels)
-    if arr.dtype != np.uint8:
+    if sixteen_bit:
+        if arr.size and (arr.min() < 0 or arr.max() > 65535):
+            raise ValueError(f"{path}: a 16-bit label map holds values in 0..65535")
+        arr = arr.astype(np.uint16)
+    elif arr.dtype != np.uint8:
         arr = arr.astype(np.uint16 if arr.max(initial=0) > 255 else np.uint8)
     img = Image.fromarray(arr)
     if palette is not None and arr.dtype == np.uint8:

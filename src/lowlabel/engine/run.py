@@ -31,6 +31,7 @@ class Run:
         self.config, self.run_dir, self.device = config, run_dir, torch.device(device)
         self.data_root = data_root
         self.eval_cfg = config.eval if config else EvalConfig()
+        self.task = getattr(model, "task", "semantic")
 
     @property
     def num_classes(self) -> int:
@@ -83,9 +84,23 @@ class Run:
             batch_size=e.batch_size, device=self.device, return_probs=return_probs, progress=progress, sink=sink,
         )
 
+    def predict_instances(self, image: np.ndarray | torch.Tensor | str | Path, score_threshold: float = 0.5):
+        """An instance run's :class:`~lowlabel.eval.instances.Instances` of one image (uint8
+        [H, W, 3] array, float [3, H, W] tensor or file path), tiled by the run's eval settings
+        and merged across tile borders."""
+        from ..eval.instances import predict_instances
+
+        if self.task != "instance":
+            raise ValueError("predict_instances needs an instance run (model.arch maskrcnn); use predict()")
+        if isinstance(image, (str, Path)):
+            reader = open_reader(image, *self.raster_options())
+            image = reader.read(0, 0, reader.height, reader.width)
+        e = self.eval_cfg
+        return predict_instances(self.model, image, tile=e.tile, overlap=e.overlap, score_threshold=score_threshold, device=self.device)
+
     def evaluate(self, data: str | Path | None = None, split: str = "test", progress: bool = False) -> dict:
         """mIoU, per-class IoU, Dice (pooled and per volume) and pixel accuracy on a labeled split
-        of a folder dataset."""
+        of a folder dataset; for an instance run, mask AP / AP50 / AP75 and counting errors."""
         root = data or self.data_root
         if root is None:
             raise ValueError("give the dataset folder (--data)")
@@ -94,6 +109,14 @@ class Run:
         if info.num_classes != self.num_classes:
             raise DatasetError(root, f"dataset has {info.num_classes} classes, the model {self.num_classes}")
         ds = FolderDataset(root, split, labeled=True, info=info, bands=bands, value_range=value_range)
+        if self.task == "instance":
+            from ..eval.instances import evaluate_instances
+
+            if info.task != "instance":
+                raise DatasetError(root, f"an instance model is scored on an instance dataset; this one's task is {info.task!r}")
+            out = evaluate_instances(self.model, ds, eval_cfg=self.eval_cfg.model_copy(update={"max_images": None}), device=self.device, progress=progress)
+            out.update({"split": split, "dataset": info.name, "task": "instance"})
+            return out
         scores = evaluate_model(self.model, ds, num_classes=self.num_classes, eval_cfg=self.eval_cfg.model_copy(update={"max_images": None}), device=self.device, progress=progress)
         out = scores.summary(info.classes)
         out.update({"images": len(ds), "split": split, "dataset": info.name})
@@ -119,6 +142,8 @@ class Run:
         from ..data.raster import RASTER_EXTENSIONS, GeoTiffSink, RasterReader, have_rasterio, polygonize
 
         images, out = Path(images), Path(out)
+        if self.task == "instance":
+            return self._predict_instance_folder(images, out, overlays=overlays, progress=progress)
         if vector and not have_rasterio():
             raise ImportError("vector output needs the geo extra: pip install 'lowlabel[geo]'")
         exts = tuple(dict.fromkeys(IMAGE_EXTENSIONS + RASTER_EXTENSIONS))
@@ -162,4 +187,41 @@ class Run:
                     tmp.replace(ov)
                 written.append(path)
                 adv()
+        return written
+
+    def _predict_instance_folder(self, images: Path, out: Path, *, overlays: bool, progress: bool) -> list[Path]:
+        """Instance run: ``<id>.png`` 16-bit instance ids (0 = background, 1 = the most confident
+        instance), ``instances.json`` (COCO results format: RLE masks, boxes, scores, with an
+        ``images`` list naming each file) and ``overlays/<id>.jpg`` (one colour per instance)."""
+        from PIL import Image
+
+        from ..eval.instances import coco_results, instance_overlay
+        from ..utils import atomic_write_json
+
+        files = [images] if images.is_file() else sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise FileNotFoundError(f"{images}: no images ({', '.join(IMAGE_EXTENSIONS)})")
+        for f in files:
+            check_image_file(f)
+        written, entries, results = [], [], []
+        with progress_bar("predicting", len(files), enabled=progress) as adv:
+            for i, f in enumerate(files, start=1):
+                reader = open_reader(f, *self.raster_options())
+                img = reader.read(0, 0, reader.height, reader.width)
+                inst = self.predict_instances(img)
+                ids = inst.id_map()
+                write_label(out / f"{f.stem}.png", ids, sixteen_bit=True)
+                entries.append({"id": i, "file_name": f.name, "height": int(ids.shape[0]), "width": int(ids.shape[1]), "instances": len(inst)})
+                results.extend(coco_results(i, inst))
+                if overlays:
+                    ov = out / "overlays" / f"{f.stem}.jpg"
+                    ov.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = ov.with_name(f".{ov.name}.tmp.jpg")
+                    Image.fromarray(instance_overlay(img, ids)).save(tmp, quality=90)
+                    tmp.replace(ov)
+                written.append(out / f"{f.stem}.png")
+                adv()
+        categories = [{"id": k + 1, "name": c} for k, c in enumerate(self.classes)]
+        atomic_write_json(out / "instances.json", {"images": entries, "categories": categories, "annotations": results})
+        written.append(out / "instances.json")
         return written

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..config import Config, dump_config
+from ..config import Config, dump_config, task_of
 from ..data.dataset import DatasetError
 from ..errors import CheckpointError, ConfigError, DivergenceError, RunExistsError
 from ..data.validate import require_valid
@@ -178,8 +178,20 @@ class Trainer:
         )
         if self.info.task not in ("semantic", "instance"):
             raise DatasetError(cfg.data.root, f"task {self.info.task!r} cannot be trained by `fit`")
+        self.task = task_of(cfg)
+        if self.info.task == "instance" and self.task != "instance":
+            if self.is_main:
+                console().print(f"[yellow]note[/]: {self.info.name} is an instance dataset; {cfg.model.arch} trains it as foreground/background "
+                                "semantic segmentation (model.arch: maskrcnn trains instances)")
+        if self.task == "instance" and self.info.task != "instance":
+            raise ConfigError(f"model.arch {cfg.model.arch!r} is an instance model; {cfg.data.root} is a {self.info.task} dataset (instances/ maps needed)")
+        if self.task == "instance" and self.info.num_classes != 1:
+            raise DatasetError(cfg.data.root, f"instance training supports one class for now (instances/ maps carry no class); this dataset has {self.info.num_classes}")
+        self.select = "ap" if self.task == "instance" and cfg.train.select == "miou" else cfg.train.select
+        if (self.select in ("ap", "ap50")) != (self.task == "instance"):
+            raise ConfigError(f"train.select {cfg.train.select!r} is a metric of the {'instance' if self.select in ('ap', 'ap50') else 'semantic'} task; this is a {self.task} run")
         self.num_classes = self.info.num_classes
-        mcls = get_method_class(cfg.method.name)
+        mcls = get_method_class(cfg.method.name, self.task)
         if mcls.needs_weak and not cfg.data.weak:
             raise ConfigError(f"method {cfg.method.name!r} trains on weak labels: set data.weak (this dataset has {sorted(self.info.weak_labels) or 'none'})")
         seed_everything(cfg.train.seed)
@@ -199,7 +211,7 @@ class Trainer:
         self.total_epochs = math.ceil(self.total / self.iters_per_epoch)
 
         self.student = build_model(cfg.model.arch, cfg.model.encoder, self.num_classes, cfg.model.pretrained, cfg.model.width, cfg.model.in_channels).to(self.device)
-        self.method = build_method(cfg.method.name, cfg.method.params, num_classes=self.num_classes, model=self.student).to(self.device)
+        self.method = build_method(cfg.method.name, cfg.method.params, num_classes=self.num_classes, model=self.student, task=self.task).to(self.device)
         kind = cfg.teacher.kind
         self.teacher = Teacher(kind, self.student, cfg.teacher.decay)
         if mcls.needs_run:
@@ -352,6 +364,10 @@ class Trainer:
     def validate(self) -> dict | None:
         if self.val_set is None:
             return None
+        if self.task == "instance":  # every rank scores the whole split (no gather of instances)
+            from ..eval.instances import evaluate_instances
+
+            return evaluate_instances(self.eval_model(), self.val_set, eval_cfg=self.cfg.eval, device=self.device)
         scores = evaluate_model(self.eval_model(), self.val_set, num_classes=self.num_classes, eval_cfg=self.cfg.eval, device=self.device, rank=self.rank, world=self.world)
         return scores.summary(self.info.classes)
 
@@ -434,15 +450,16 @@ class Trainer:
                     self.method.on_epoch_end(self.iteration // self.iters_per_epoch - 1, self._ctx())
                 if self.iteration % cfg.train.log_every == 0 or self.iteration == self.total:
                     self._log({"iteration": self.iteration, "time": round(time.time() - t0, 3), **{k: round(v, 6) for k, v in rec.items()}})
-                info = f"loss {running['loss']:.3f} lr {rec['lr']:.2e}" + (f" val mIoU {100 * last_val:.1f}" if last_val is not None else "")
-                if cfg.train.select != "miou" and self.best["metrics"]:
-                    info += f" best val {cfg.train.select} {100 * self.best['value']:.1f}"
+                shown = "AP" if self.task == "instance" else "mIoU"
+                info = f"loss {running['loss']:.3f} lr {rec['lr']:.2e}" + (f" val {shown} {100 * last_val:.1f}" if last_val is not None else "")
+                if self.select not in ("miou", "ap") and self.best["metrics"]:
+                    info += f" best val {self.select} {100 * self.best['value']:.1f}"
                 adv(1, info=info)
                 if cfg.train.val_every and (self.iteration % cfg.train.val_every == 0 or self.iteration == self.total):
                     metrics = self.validate()
                     if metrics is not None:
-                        last_val = metrics["miou"] or 0.0
-                        score = metrics.get(cfg.train.select) or 0.0
+                        last_val = metrics.get("ap" if self.task == "instance" else "miou") or 0.0
+                        score = metrics.get(self.select) or 0.0
                         self._log({"iteration": self.iteration, "val": metrics})
                         if score > self.best["value"]:
                             self.best = {"value": score, "iteration": self.iteration, "metrics": metrics}
@@ -455,11 +472,12 @@ class Trainer:
         summary = {
             "iterations": self.total, "trained_iterations": self.iteration - start_iter, "seconds": round(elapsed, 2),
             "seconds_per_iteration": round(elapsed / max(1, self.iteration - start_iter), 4),
-            "select": cfg.train.select, "best_val": self.best["value"] if self.best["value"] >= 0 else None,
-            "best_val_miou": (self.best["metrics"] or {}).get("miou", self.best["value"] if cfg.train.select == "miou" and self.best["value"] >= 0 else None),
+            "select": self.select, "best_val": self.best["value"] if self.best["value"] >= 0 else None,
+            "best_val_miou": (self.best["metrics"] or {}).get("miou", self.best["value"] if self.select == "miou" and self.best["value"] >= 0 else None),
+            "best_val_ap": (self.best["metrics"] or {}).get("ap") if self.task == "instance" else None,
             "best_val_dice_mean": (self.best["metrics"] or {}).get("dice_mean"),
             "best_iteration": self.best["iteration"],
-            "last_val_miou": last_val, "device": str(self.device), "world_size": self.world,
+            "last_val_miou": None if self.task == "instance" else last_val, **({"last_val_ap": last_val} if self.task == "instance" else {}), "device": str(self.device), "world_size": self.world,
         }
         if self.is_main:
             atomic_write_json(self.run_dir / "summary.json", summary)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from .base import Method, MethodParams, RunContext, StepContext, StepOutput
 from .derprop import DerProp
 from .fixmatch import FixMatch
+from .instance import InstanceSupervised
 from .regionmatch import RegionMatch
 from .sesam import SeSAM
 from .supervised import PartialCE, Supervised
@@ -20,16 +21,24 @@ METHODS: dict[str, type[Method]] = {
     "sesam": SeSAM,
 }
 
+# the instance task's methods (instance datasets, model.arch maskrcnn)
+INSTANCE_METHODS: dict[str, type[Method]] = {
+    "supervised": InstanceSupervised,
+}
 
-def get_method_class(name: str) -> type[Method]:
+
+def get_method_class(name: str, task: str = "semantic") -> type[Method]:
+    table = INSTANCE_METHODS if task == "instance" else METHODS
     try:
-        return METHODS[name]
+        return table[name]
     except KeyError:
-        raise ValueError(f"unknown method {name!r}; choose from {sorted(METHODS)}") from None
+        other = METHODS if task == "instance" else INSTANCE_METHODS
+        hint = f" (a method of the {'semantic' if task == 'instance' else 'instance'} task)" if name in other else ""
+        raise ValueError(f"unknown method {name!r} for the {task} task{hint}; choose from {sorted(table)}") from None
 
 
-def build_method(name: str, params: dict | None, *, num_classes: int, model=None) -> Method:
-    return get_method_class(name)(params, num_classes=num_classes, model=model)
+def build_method(name: str, params: dict | None, *, num_classes: int, model=None, task: str = "semantic") -> Method:
+    return get_method_class(name, task)(params, num_classes=num_classes, model=model)
 
 
-__all__ = ["METHODS", "Method", "MethodParams", "RunContext", "StepContext", "StepOutput", "build_method", "get_method_class"]
+__all__ = ["INSTANCE_METHODS", "METHODS", "Method", "MethodParams", "RunContext", "StepContext", "StepOutput", "build_method", "get_method_class"]

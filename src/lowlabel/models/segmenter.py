@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .instance import INSTANCE_ARCHS, build_instance_model
+
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
@@ -255,15 +257,18 @@ def build_model(
         arch: ``deeplabv3plus``, ``unet``, ``segformer``, ``fpn`` (segmentation_models_pytorch),
             ``unet2d`` (the small from-scratch 2D UNet of the medical benchmarks; ``width`` sets
             its first level's channels) or ``tiny`` (a small from-scratch network for tests).
+            ``maskrcnn`` is the instance model (:mod:`lowlabel.models.instance`) of instance datasets.
         encoder: any smp encoder name (tested: resnet18/50/101, mobilenet_v2, mit_b0); ignored by
-            ``unet2d`` and ``tiny``.
+            ``unet2d`` and ``tiny``; resnet18/34/50 for ``maskrcnn``.
         in_channels: 3 (RGB) or 1 (grey: the network sees the mean of the image's channels).
         pretrained: a local file with weights — a whole-model state dict, or an encoder-only one
             (e.g. ImageNet weights converted for the encoder). Never downloads.
     """
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    if arch == "tiny":
+    if arch in INSTANCE_ARCHS:
+        model = build_instance_model(arch, encoder, num_classes, in_channels)
+    elif arch == "tiny":
         model: Segmenter = TinySegmenter(num_classes, width, in_channels)
     elif arch == "unet2d":
         model = UNet2D(num_classes, width, in_channels)
@@ -273,7 +278,7 @@ def build_model(
         except (KeyError, ValueError) as err:
             raise ValueError(f"unknown or unsupported encoder {encoder!r} for {arch}: {err}") from None
     else:
-        raise ValueError(f"unknown model arch {arch!r}; choose from {sorted(SMP_ARCHS) + list(OWN_ARCHS)}")
+        raise ValueError(f"unknown model arch {arch!r}; choose from {sorted(SMP_ARCHS) + list(OWN_ARCHS) + list(INSTANCE_ARCHS)}")
     if pretrained:
         load_pretrained(model, pretrained)
     return model
@@ -290,7 +295,7 @@ def load_pretrained(model: Segmenter, path: str | os.PathLike) -> None:
             state = state[key]
     if not isinstance(state, dict):
         raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
-    for target in (model, model.encoder, getattr(model.encoder, "model", None)):
+    for target in (model, getattr(model, "net", None), model.encoder, getattr(model.encoder, "model", None)):
         if target is None:
             continue
         own = target.state_dict()

@@ -1,0 +1,217 @@
+"""The instance task: targets, COCO mask AP by hand, tile merging, and a model trained, evaluated
+and predicting through the engine and the CLI."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lowlabel.eval.instances import Instances, from_id_map, mask_ap, merge_tiles, predict_instances
+from lowlabel.data.tiling import TileGrid
+from lowlabel.models.instance import instance_targets
+
+pytest.importorskip("pycocotools")
+
+
+def boxes(h, w, *rects):
+    """Instances of axis-aligned rectangles (y0, x0, y1, x1) with scores."""
+    masks = np.zeros((len(rects), h, w), bool)
+    scores = []
+    for k, (y0, x0, y1, x1, s) in enumerate(rects):
+        masks[k, y0:y1, x0:x1] = True
+        scores.append(s)
+    return Instances(masks, np.array(scores, np.float32), np.zeros(len(rects), np.int64))
+
+
+def test_instance_targets_boxes_masks_and_min_size():
+    m = torch.zeros(10, 12, dtype=torch.long)
+    m[1:4, 2:7] = 3  # 15 px, box x 2..7, y 1..4
+    m[8, 11] = 9  # a 1-pixel sliver of an object cut by the crop
+    t = instance_targets(m, min_size=2)
+    assert t["boxes"].tolist() == [[2.0, 1.0, 7.0, 4.0]]
+    assert t["labels"].tolist() == [0] and t["masks"].shape == (1, 10, 12) and int(t["masks"].sum()) == 15
+    assert len(instance_targets(m)["boxes"]) == 2
+    empty = instance_targets(torch.zeros(5, 5, dtype=torch.long))
+    assert empty["boxes"].shape == (0, 4) and empty["masks"].shape == (0, 5, 5)
+
+
+def test_mask_ap_hand_computed_cases():
+    h, w = 40, 40
+    a, b = (2, 2, 12, 7), (20, 20, 26, 25)  # 10x5 = 50 px and 6x5 = 30 px
+    gt = boxes(h, w, (*a, 1.0), (*b, 1.0))
+    # perfect prediction
+    r = mask_ap([boxes(h, w, (*a, 0.9), (*b, 0.8))], [gt])
+    assert r["ap"] == pytest.approx(1.0) and r["ap50"] == pytest.approx(1.0) and r["ap75"] == pytest.approx(1.0)
+    # one of two instances missed: recall 0.5 at precision 1 -> 51 of the 101 recall points
+    r = mask_ap([boxes(h, w, (*a, 0.9))], [gt])
+    assert r["ap"] == pytest.approx(51 / 101) and r["ap50"] == pytest.approx(51 / 101)
+    # a split instance: one object (y 2..10, x 2..10 = 64 px) predicted as 40 + 24 px pieces
+    one = boxes(h, w, (2, 2, 10, 10, 1.0))
+    big_first = boxes(h, w, (2, 2, 10, 7, 0.9), (2, 7, 10, 10, 0.6))  # IoU 0.625 and 0.375
+    r = mask_ap([big_first], [one])
+    # matched at IoU 0.50, 0.55, 0.60 only (3 of 10 thresholds), then precision 1 up to recall 1
+    assert r["ap50"] == pytest.approx(1.0) and r["ap75"] == pytest.approx(0.0) and r["ap"] == pytest.approx(0.3)
+    small_first = boxes(h, w, (2, 2, 10, 7, 0.6), (2, 7, 10, 10, 0.9))
+    r = mask_ap([small_first], [one])  # the unmatched piece ranks first: precision 1/2 at recall 1
+    assert r["ap50"] == pytest.approx(0.5) and r["ap"] == pytest.approx(0.15)
+    # two touching objects (50 + 30 px) merged into one prediction: IoU 50/80 = 0.625 with the larger
+    touching = boxes(h, w, (2, 2, 12, 7, 1.0), (2, 7, 8, 12, 1.0))
+    merged = Instances(touching.masks.any(0, keepdims=True), np.array([0.9], np.float32), np.zeros(1, np.int64))
+    r = mask_ap([merged], [touching])
+    assert r["ap50"] == pytest.approx(51 / 101) and r["ap"] == pytest.approx(3 * 51 / 101 / 10) and r["ap75"] == pytest.approx(0.0)
+    # no prediction at all
+    assert mask_ap([Instances.empty(h, w)], [gt])["ap"] == 0.0
+
+
+def test_id_map_orders_by_score():
+    inst = boxes(10, 10, (0, 0, 5, 5, 0.2), (3, 3, 8, 8, 0.9))
+    ids = inst.id_map()
+    assert ids.dtype == np.uint16 and ids[4, 4] == 1 and ids[0, 0] == 2 and ids[9, 9] == 0
+
+
+class OracleModel(torch.nn.Module):
+    """A stand-in instance model that "predicts" the true instances of the window it is given: the
+    window's position is read from the image (channel 1 = row / 1000, channel 2 = column / 1000)."""
+
+    def __init__(self, ids: np.ndarray):
+        super().__init__()
+        self.ids = ids
+
+    def forward(self, x):
+        _, _, th, tw = x.shape
+        y0, x0 = round(float(x[0, 1, 0, 0]) * 1000), round(float(x[0, 2, 0, 0]) * 1000)
+        inst = from_id_map(self.ids[y0 : y0 + th, x0 : x0 + tw])
+        n = len(inst)
+        return [{"masks": torch.from_numpy(inst.masks).float(), "scores": torch.linspace(0.99, 0.9, n) if n else torch.zeros(0),
+                 "labels": torch.zeros(n, dtype=torch.long)}]
+
+
+def position_image(h, w):
+    yy, xx = np.mgrid[0:h, 0:w]
+    return torch.from_numpy(np.stack([np.zeros((h, w)), yy / 1000, xx / 1000])).float()
+
+
+@pytest.mark.shared
+def test_tile_merging_recovers_real_nuclei_without_duplicates_or_cuts(shared_datasets):
+    """Real nuclei (a dsb2018 instance map) predicted tile by tile by an oracle that sees only its
+    tile: after merging, every nucleus comes back exactly once and whole."""
+    from scipy import ndimage
+
+    root = shared_datasets / "dsb2018-nuclei"
+    ids = None
+    for p in sorted((root / "instances").iterdir()):
+        m = np.array(Image.open(p)).astype(np.int64)
+        if m.shape[0] >= 300 and m.shape[1] >= 300 and 20 <= len(np.unique(m)) - 1 <= 200:
+            ids = m
+            break
+    assert ids is not None, "no dsb2018 image of at least 300 x 300 px with 20-200 nuclei"
+    ids = ids[:300, :300]
+    # objects that are one connected piece (the merge keeps masks whole, not their fragments)
+    ext = max(max(s[0].stop - s[0].start, s[1].stop - s[1].start) for s in ndimage.find_objects(ids) if s is not None)
+    tile = 128
+    overlap = ext + 2
+    assert overlap < tile, f"nuclei of {ext} px need a larger tile"
+    truth = from_id_map(ids)
+    area = np.bincount(ids.ravel())
+    cuts = 0
+    for (y0, x0, th, tw) in TileGrid(300, 300, tile, overlap):  # the grid does cut nuclei at tile borders
+        inside = np.bincount(ids[y0 : y0 + th, x0 : x0 + tw].ravel(), minlength=len(area))
+        cuts += int(((inside > 0) & (inside < area))[1:].sum())
+    assert cuts > 0
+    pred = predict_instances(OracleModel(ids), position_image(300, 300), tile=tile, overlap=overlap, score_threshold=0.5, min_size=1)
+    assert len(pred) == len(truth)
+    r = mask_ap([pred], [truth])
+    assert r["ap"] == pytest.approx(1.0)
+    # without the overlap, objects on the borders come back cut: merging cannot invent the missing parts
+    pred0 = predict_instances(OracleModel(ids), position_image(300, 300), tile=tile, overlap=0, score_threshold=0.5, min_size=1)
+    assert mask_ap([pred0], [truth])["ap"] < 1.0
+
+
+def test_merge_tiles_drops_cut_copies_and_duplicates():
+    h, w = 20, 30
+    whole = np.zeros((20, 16), bool)
+    whole[5:10, 10:15] = True  # seen whole in the left tile (x 0..16)
+    cut = np.zeros((20, 16), bool)
+    cut[5:10, 0:1] = True  # its sliver in the right tile (x 14..30), touching that tile's left edge
+    dup = np.zeros((20, 16), bool)
+    dup[12:15, 3:6] = True  # an object at x 17..20, seen whole by the right tile ...
+    tiles = [((0, 0, 20, 16), Instances(whole[None], np.array([0.9], np.float32), np.zeros(1, np.int64))),
+             ((0, 14, 20, 16), Instances(np.stack([cut, dup]), np.array([0.95, 0.8], np.float32), np.zeros(2, np.int64)))]
+    out = merge_tiles(h, w, tiles)
+    assert len(out) == 2
+    assert sorted(int(m.sum()) for m in out.masks) == [9, 25]
+
+
+def make_instance_dataset(root: Path, n: int = 6, size: int = 64, seed: int = 0) -> Path:
+    """Bright discs (instances) on a dark background."""
+    rng = np.random.default_rng(seed)
+    for d in ("images", "instances", "splits"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    ids = [f"img{i:02d}" for i in range(n)]
+    yy, xx = np.mgrid[0:size, 0:size]
+    for i in ids:
+        inst = np.zeros((size, size), np.uint16)
+        for k in range(1, 5):
+            cy, cx = rng.integers(8, size - 8, 2)
+            inst[(yy - cy) ** 2 + (xx - cx) ** 2 <= 25] = k
+        img = np.where(inst[..., None] > 0, 200, 30) + rng.integers(-10, 10, (size, size, 3))
+        Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(root / "images" / f"{i}.png")
+        Image.fromarray(inst).save(root / "instances" / f"{i}.png")
+    (root / "splits" / "train.txt").write_text("\n".join(ids[: n - 2]) + "\n")
+    (root / "splits" / "val.txt").write_text(ids[n - 2] + "\n")
+    (root / "splits" / "test.txt").write_text(ids[n - 1] + "\n")
+    (root / "dataset.json").write_text(json.dumps({"name": "discs", "task": "instance", "classes": ["disc"], "ignore_index": 255}))
+    return root
+
+
+def test_instance_run_trains_evaluates_and_predicts(tmp_path):
+    from lowlabel import fit
+    from lowlabel.cli import main
+    from lowlabel.config import load_config
+    from lowlabel.engine.run import Run
+
+    root = make_instance_dataset(tmp_path / "discs")
+    raw = {
+        "name": "inst", "out_dir": str(tmp_path / "runs"),
+        "data": {"root": str(root), "labeled": "2", "crop": 64, "labeled_batch": 2},
+        "model": {"arch": "maskrcnn", "encoder": "resnet18"},
+        "optim": {"name": "adamw", "lr": 1e-4, "weight_decay": 0.05},
+        "train": {"iterations": 2, "val_every": 2, "checkpoint_every": 2, "log_every": 1},
+        "eval": {"tile": 64},
+    }
+    fit(load_config(raw=raw), progress=False)
+    run_dir = tmp_path / "runs" / "inst"
+    log = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss_mask", "loss_classifier", "loss_objectness"} <= set(log[0]) and np.isfinite(log[0]["loss"])
+    val = [r["val"] for r in log if "val" in r][0]
+    assert {"ap", "ap50", "ap75", "count_mae"} <= set(val) and val["instances"] == 4
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["select"] == "ap" and summary["best_val_miou"] is None
+    run = Run.load(run_dir)
+    assert run.task == "instance"
+    res = run.evaluate(split="test")
+    assert res["task"] == "instance" and res["instances"] == 4 and 0.0 <= res["ap"] <= 1.0
+    out = tmp_path / "pred"
+    assert main(["predict", str(run_dir), str(root / "images"), "--out", str(out)]) == 0
+    ids = Image.open(out / "img00.png")
+    assert np.array(ids).dtype == np.uint16 or ids.mode.startswith("I")
+    coco = json.loads((out / "instances.json").read_text())
+    assert len(coco["images"]) == 6 and coco["categories"] == [{"id": 1, "name": "disc"}]
+    assert all({"segmentation", "bbox", "score", "image_id"} <= set(a) for a in coco["annotations"])
+    assert (out / "overlays" / "img00.jpg").is_file()
+    assert main(["evaluate", str(run_dir), "--split", "test"]) == 0
+
+
+def test_instance_config_errors(tmp_path, tiny_dataset):
+    from lowlabel.config import load_config
+    from lowlabel.engine.trainer import Trainer
+    from lowlabel.errors import ConfigError
+
+    with pytest.raises(ValueError, match="unknown method 'unimatch' for the instance task"):
+        load_config(raw={"data": {"root": str(tiny_dataset)}, "model": {"arch": "maskrcnn"}, "method": {"name": "unimatch"}})
+    cfg = load_config(raw={"out_dir": str(tmp_path), "data": {"root": str(tiny_dataset), "labeled": "2"}, "model": {"arch": "maskrcnn"}})
+    with pytest.raises(ConfigError, match="instance model"):
+        Trainer(cfg, progress=False)
