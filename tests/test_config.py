@@ -3,7 +3,7 @@ import pytest
 import torch
 import yaml
 
-from lowlabel.config import load_config
+from lowlabel.config import task_of, load_config
 from lowlabel.methods import build_method
 from lowlabel.models import build_model
 
@@ -24,7 +24,7 @@ def test_every_config_parses_and_builds(path):
     assert cfg.name == path.stem
     num_classes = 5
     model = build_model(cfg.model.arch, cfg.model.encoder, num_classes, width=cfg.model.width)
-    method = build_method(cfg.method.name, cfg.method.params, num_classes=num_classes, model=model)
+    method = build_method(cfg.method.name, cfg.method.params, num_classes=num_classes, model=model, task=task_of(cfg))
     assert isinstance(method, torch.nn.Module)
 
 

@@ -215,3 +215,104 @@ def test_instance_config_errors(tmp_path, tiny_dataset):
     cfg = load_config(raw={"out_dir": str(tmp_path), "data": {"root": str(tiny_dataset), "labeled": "2"}, "model": {"arch": "maskrcnn"}})
     with pytest.raises(ConfigError, match="instance model"):
         Trainer(cfg, progress=False)
+
+
+def test_copy_paste_pairs_by_hand():
+    from lowlabel.methods.instance import copy_paste, pair_partner
+
+    assert pair_partner(5).tolist() == [1, 0, 3, 2, 4]
+    images = torch.stack([torch.full((3, 4, 4), float(v)) for v in (1, 2, 3)])
+    ids = torch.zeros(3, 4, 4, dtype=torch.long)
+    ids[0, 0:2, 0:2] = 1  # image 0: one instance top-left
+    ids[1, 1:3, 1:3] = 1  # image 1: one instance in the middle, overlapping image 0's
+    ids[1, 3, 3] = 2
+    ids[2, 0, 0] = 7
+    x, m = copy_paste(images, ids, pair_partner(3))
+    # image 0 receives image 1's instances (ids offset by 1 + max id of image 0 = 2): 3 and 4
+    assert m[0, 1, 1] == 3 and m[0, 3, 3] == 4 and m[0, 0, 0] == 1 and x[0, 0, 1, 1] == 2 and x[0, 0, 0, 0] == 1
+    assert int((m[0] == 1).sum()) == 3  # one of its 4 pixels is now covered by the pasted instance
+    # image 1 receives image 0's instance (offset 3): where it lands, the pixels and labels are image 0's
+    assert m[1, 0, 0] == 4 and x[1, 0, 0, 0] == 1 and m[1, 1, 1] == 4 and m[1, 2, 2] == 1
+    # the odd last image is its own partner: unchanged
+    assert torch.equal(m[2], ids[2]) and torch.equal(x[2], images[2])
+
+
+def test_instance_bn_recompute_runs_the_backbone():
+    """An averaged instance network's BatchNorm statistics are re-estimated (the engine's
+    update_bn pass runs the backbone in train mode)."""
+    from lowlabel.engine.teachers import Teacher
+    from lowlabel.models.instance import InstanceModel
+
+    torch.manual_seed(0)
+    net = InstanceModel(1)
+    t = Teacher("ema", net, 0.9996)
+    bn = t.model.net.backbone.body.bn1
+    before = bn.running_mean.clone()
+    t.recompute_bn([torch.rand(2, 3, 64, 64) * 0.5 + 0.5])
+    assert not torch.allclose(bn.running_mean, before) and int(bn.num_batches_tracked) == 1
+
+
+def test_s4m_steps_with_refinement_and_copy_paste(tmp_path):
+    from lowlabel import fit
+    from lowlabel.config import load_config
+
+    root = make_instance_dataset(tmp_path / "discs", n=8)
+    raw = {
+        "name": "s4m", "out_dir": str(tmp_path / "runs"),
+        "data": {"root": str(root), "labeled": "2", "crop": 64, "labeled_batch": 2, "unlabeled_batch": 2},
+        "model": {"arch": "maskrcnn"},
+        "method": {"name": "s4m", "params": {"threshold": 0.0, "refine": True, "arp": True, "burn_in": 1}},
+        "teacher": {"kind": "ema", "decay": 0.9996},
+        "optim": {"name": "adamw", "lr": 1e-4},
+        "train": {"iterations": 3, "val_every": 0, "checkpoint_every": 3, "log_every": 1},
+        "eval": {"tile": 64},
+    }
+    fit(load_config(raw=raw), progress=False)
+    log = [json.loads(x) for x in (tmp_path / "runs" / "s4m" / "metrics.jsonl").read_text().splitlines()]
+    assert log[0]["loss_u"] == 0  # burn-in: labeled only
+    assert {"pseudo_instances", "refined"} <= set(log[1]) and np.isfinite(log[1]["loss_u"])
+
+
+class FakeTeacher(torch.nn.Module):
+    """Detections given in advance (as a trained teacher's would be)."""
+
+    def __init__(self, dets):
+        super().__init__()
+        self.dets = dets
+
+    def forward(self, x):
+        return self.dets
+
+
+def test_s4m_pseudo_instances_threshold_size_and_sam_refinement():
+    """Kept: class confidence >= 0.7 and >= 5 px; PR replaces a sloppy pseudo-mask (a disc's
+    probability map shifted off the disc) by the promptable segmenter's mask of the object."""
+    from types import SimpleNamespace
+
+    from lowlabel.methods.instance import S4M
+    from lowlabel.sam import build_segmenter
+
+    yy, xx = np.mgrid[0:64, 0:64]
+    disc = (yy - 30) ** 2 + (xx - 30) ** 2 <= 100
+    img = np.where(disc, 0.8, 0.1)[None].repeat(3, 0)
+    sloppy = np.clip(1.0 - np.sqrt((yy - 34) ** 2 + (xx - 36) ** 2) / 14, 0, 1)  # peaks off-centre, spills out
+    tiny = np.zeros((64, 64))
+    tiny[2, 2:5] = 1.0
+    dets = [{"masks": torch.tensor(np.stack([sloppy, sloppy, tiny]), dtype=torch.float32), "scores": torch.tensor([0.9, 0.5, 0.95]),
+             "labels": torch.zeros(3, dtype=torch.long)}]
+    weak = torch.tensor(img, dtype=torch.float32)[None]
+    plain = S4M({}, num_classes=1)
+    ids, m = plain.pseudo_instances(FakeTeacher(dets), weak, np.random.default_rng(0))
+    assert m["pseudo_instances"] == 1 and m["refined"] == 0 and set(ids.unique().tolist()) == {0, 1}
+
+    def iou(a, b):
+        return (a & b).sum() / (a | b).sum()
+
+    before = iou(ids[0].numpy() > 0, disc)
+    pr = S4M({"refine": True}, num_classes=1)
+    pr.attach(SimpleNamespace(teacher_kind="ema", seed=0, device="cpu"))
+    assert pr.segmenter is not None and build_segmenter("classical").name == pr.segmenter.name
+    ids, m = pr.pseudo_instances(FakeTeacher(dets), weak, np.random.default_rng(0))
+    assert m["pseudo_instances"] == 1 and m["refined"] == 1
+    after = iou(ids[0].numpy() > 0, disc)
+    assert after > before + 0.1, (before, after)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from .base import Method, MethodParams, RunContext, StepContext, StepOutput
 from .derprop import DerProp
 from .fixmatch import FixMatch
-from .instance import InstanceSupervised
+from .instance import S4M, InstanceSupervised
 from .regionmatch import RegionMatch
 from .sesam import SeSAM
 from .supervised import PartialCE, Supervised
@@ -24,6 +24,7 @@ METHODS: dict[str, type[Method]] = {
 # the instance task's methods (instance datasets, model.arch maskrcnn)
 INSTANCE_METHODS: dict[str, type[Method]] = {
     "supervised": InstanceSupervised,
+    "s4m": S4M,
 }
 
 

@@ -1,6 +1,7 @@
 """Methods of the instance task (``model.arch: maskrcnn`` on an instance dataset).
 
-``supervised`` trains the instance model on the labeled images' instance maps: each crop's
+``s4m`` is S4M's teacher-student training with its SAM refinement (PR) and copy-paste (ARP);
+see :class:`S4M`. ``supervised`` trains the instance model on the labeled images' instance maps: each crop's
 instances (at least ``min_size`` pixels — a crop keeps slivers of the objects it cuts) become
 Mask R-CNN targets, and the loss is the sum of Mask R-CNN's terms (RPN objectness and box,
 classification, box regression, mask BCE).
@@ -8,6 +9,9 @@ classification, box regression, mask BCE).
 
 from __future__ import annotations
 
+from typing import Literal
+
+import numpy as np
 import torch
 from pydantic import Field
 
@@ -38,3 +42,155 @@ class InstanceSupervised(Method):
         parts = student.losses(labeled["image"], batch_targets(labeled, self.p.min_size))
         loss = summed(parts)
         return StepOutput({"loss": loss, "loss_x": loss.detach(), **{k: v.detach() for k, v in parts.items()}}, terms={"x": loss})
+
+
+class S4MParams(InstanceParams):
+    threshold: float = Field(0.7, ge=0, le=1)  # class confidence of kept pseudo-instances (S4M sec. 5.1)
+    mask_threshold: float = Field(0.5, gt=0, lt=1)  # mask probability -> binary pseudo-mask (Mask R-CNN's own 0.5)
+    weight_u: float = Field(2.0, ge=0)  # unsupervised loss weight (S4M sec. 5.1)
+    burn_in: int = Field(0, ge=0)  # labeled-only iterations, then teacher := student (GuidedDistillation's burn-in); 0: the teacher starts from model.pretrained
+    refine: bool = False  # PR: SAM refines each pseudo-mask from points sampled by its probabilities (sec. 4.2)
+    points: int = Field(5, ge=1)  # points per pseudo-instance for PR (the paper's number is not given; our choice)
+    arp: bool = False  # ARP: bidirectional copy-paste of (refined) pseudo-instances between image pairs (sec. 4.3)
+    backend: Literal["classical", "sam", "mobilesam", "sam2"] = "classical"  # PR's promptable segmenter (the paper: SAM 2 Hiera-L)
+    checkpoint: str | None = None  # local weights of a neural backend (or LOWLABEL_SAM_CHECKPOINT)
+    model_type: str | None = None
+    allow_random_weights: bool = False  # a neural backend without a checkpoint: for timing and tests only
+
+
+def pair_partner(n: int) -> torch.Tensor:
+    """ARP's pairs within a batch: (0, 1), (2, 3), ...; an odd last sample is its own partner
+    (and is left unmixed)."""
+    idx = torch.arange(n)
+    partner = idx + 1 - 2 * (idx % 2)
+    partner[partner >= n] = idx[partner >= n]
+    return partner
+
+
+def copy_paste(images: torch.Tensor, ids: torch.Tensor, partner: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """S4M eq. 4: each image receives its partner's instances, ``x_i' = M_j * x_j + (1 - M_j) *
+    x_i`` with ``M_j`` the union of the partner's instance masks; the id maps follow (the
+    partner's ids are offset so they stay distinct; the image's own instances lose the pixels
+    covered, and a fully covered one disappears)."""
+    m = (ids[partner] > 0)
+    offset = ids.flatten(1).max(1).values.view(-1, 1, 1) + 1
+    new_ids = torch.where(m, ids[partner] + offset, ids)
+    same = partner == torch.arange(len(partner), device=partner.device)
+    new_ids[same] = ids[same]
+    m = m & ~same.view(-1, 1, 1)
+    new_images = torch.where(m.unsqueeze(1), images[partner], images)
+    return new_images, new_ids
+
+
+class S4M(Method):
+    """S4M (``../shared/papers/s4m-semi-supervised-instance-segmentation-with-sam.md``) on Mask R-CNN.
+
+    Teacher-student base (sec. 3, GuidedDistillation): an EMA teacher (decay 0.9996, the paper's)
+    predicts on the weak view of each unlabeled image; detections with class confidence >= 0.7
+    and >= 5 pixels are its pseudo-instances; the student learns them on the strong (photometric)
+    view with weight 2 on top of its labeled loss. Burn-in: ``burn_in`` labeled-only iterations,
+    after which the teacher is copied from the student, or (``burn_in: 0``) a teacher initialised
+    from ``model.pretrained``, e.g. a labeled-only run's ``best.pt``.
+
+    PR (sec. 4.2, eq. 3): for each pseudo-instance, ``points`` points drawn with probability
+    proportional to its mask probability (before the threshold) prompt the promptable segmenter
+    (a :mod:`lowlabel.sam` backend, the weak view embedded once per step); SAM's mask replaces
+    the pseudo-mask when it keeps at least ``min_size`` pixels.
+
+    ARP (sec. 4.3, eq. 4): the (refined) pseudo-instances of paired images are pasted into each
+    other, labels alike. Deviation: the photometric strong augmentation is applied by the loader
+    to each image before the paste, not to the pasted image (each pasted region keeps its own
+    image's colour perturbation).
+
+    Not here: SD (structural distillation, sec. 4.1) needs a neural SAM's decoder features and
+    pretrained weights to distil from; it is not implemented. All detection terms of Mask R-CNN
+    (box regression included) enter the unsupervised loss, as Mask2Former's whole loss does in
+    the paper.
+    """
+
+    Params = S4MParams
+    task = "instance"
+    uses_unlabeled = True
+    n_strong = 1
+    default_teacher = "ema"
+    needs_run = True
+
+    def __init__(self, params=None, *, num_classes: int, model=None):
+        super().__init__(params, num_classes=num_classes, model=model)
+        self.segmenter = None
+        self.seed = 0
+
+    def attach(self, run) -> None:
+        from ..errors import ConfigError
+
+        p = self.p
+        if run.teacher_kind != "ema":
+            raise ConfigError(f"method s4m pseudo-labels with an EMA teacher (the paper's, decay 0.9996): set teacher.kind=ema, not {run.teacher_kind!r}")
+        self.seed = run.seed
+        if p.refine:
+            from ..sam import build_segmenter
+
+            self.segmenter = build_segmenter(p.backend, checkpoint=p.checkpoint, model_type=p.model_type, device=str(run.device))
+            if self.segmenter.weights_id.startswith("random") and not p.allow_random_weights:
+                raise ConfigError(f"method.params.backend={p.backend!r} has no checkpoint (method.params.checkpoint or LOWLABEL_SAM_CHECKPOINT): "
+                                  "its masks would be random; give one, or set method.params.allow_random_weights=true to test the pipeline")
+
+    @torch.no_grad()
+    def pseudo_instances(self, teacher_model, weak: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, dict]:
+        """Id maps (long [B, H, W]) of the teacher's kept pseudo-instances on the weak views, the
+        more confident instance winning where masks overlap; and counts for the log. ``rng``
+        draws PR's points (seeded by the iteration, so a resumed run draws the same)."""
+        from ..sam.prompts import sample_points
+        from ..sam.refine import segment_point_sets
+
+        p = self.p
+        was = teacher_model.training
+        teacher_model.eval()
+        dets = teacher_model(weak)
+        teacher_model.train(was)
+        b, _, h, w = weak.shape
+        ids = torch.zeros(b, h, w, dtype=torch.long, device=weak.device)
+        kept = refined = 0
+        for i, d in enumerate(dets):
+            keep = d["scores"] >= p.threshold
+            probs, scores = d["masks"][keep], d["scores"][keep]
+            masks = probs > p.mask_threshold
+            big = masks.flatten(1).sum(1) >= p.min_size
+            probs, scores, masks = probs[big], scores[big], masks[big]
+            if self.segmenter is not None and len(masks):
+                img = (weak[i].permute(1, 2, 0).clamp(0, 1) * 255).round().byte().cpu().numpy()
+                emb = self.segmenter.embed(img)
+                pr = probs.cpu().numpy()
+                sets = [sample_points(m > 0, p.points, "probability", rng, prob=m) for m in pr]
+                ok = [k for k, s in enumerate(sets) if len(s)]
+                if ok:
+                    seg = segment_point_sets(self.segmenter, emb, [sets[k] for k in ok])
+                    best = seg.scores.argmax(1)
+                    for j, k in enumerate(ok):
+                        new = torch.from_numpy(seg.masks[j, best[j]]).to(masks.device)
+                        if int(new.sum()) >= p.min_size:
+                            masks[k] = new
+                            refined += 1
+            for k in torch.argsort(scores).tolist():  # low scores first, overwritten by higher ones
+                ids[i][masks[k]] = k + 1
+            kept += len(masks)
+        return ids, {"pseudo_instances": kept / max(b, 1), "refined": refined / max(kept, 1)}
+
+    def training_step(self, student, teacher, labeled, unlabeled, ctx):
+        p = self.p
+        parts = student.losses(labeled["image"], batch_targets(labeled, p.min_size))
+        loss_x = summed(parts)
+        if unlabeled is None or ctx.iteration < p.burn_in:
+            return StepOutput({"loss": loss_x, "loss_x": loss_x.detach(), "loss_u": loss_x.detach() * 0}, terms={"x": loss_x})
+        if p.burn_in and ctx.iteration == p.burn_in:  # end of burn-in: the teacher starts from the student
+            with torch.no_grad():
+                teacher.model.load_state_dict(student.state_dict())
+        ids, metrics = self.pseudo_instances(teacher.model, unlabeled["image"], np.random.default_rng([self.seed, ctx.iteration]))
+        strong = unlabeled["strong"][:, 0]
+        if p.arp:
+            strong, ids = copy_paste(strong, ids, pair_partner(len(ids)).to(ids.device))
+        targets = [instance_targets(m, min_size=p.min_size) for m in ids]
+        loss_u = summed(student.losses(strong, targets))
+        loss = loss_x + p.weight_u * loss_u
+        return StepOutput({"loss": loss, "loss_x": loss_x.detach(), "loss_u": loss_u.detach()}, metrics,
+                          terms={"x": loss_x, "u": p.weight_u * loss_u})

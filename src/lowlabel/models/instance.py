@@ -22,7 +22,7 @@ Deviations from torchvision's defaults, for training from scratch on small objec
 Interface (the instance-task seam of ``DESIGN.md``)::
 
     losses = model.losses(images, targets)   # train: dict of named losses
-    dets   = model(images)                   # eval: per image {"masks" float[N,H,W] in [0,1],
+    dets   = model.eval()(images)            # eval: per image {"masks" float[N,H,W] in [0,1],
                                              #   "labels" long[N] (0-based classes), "scores" float[N]}
 
 Images are float [B, 3, H, W] in [0, 1]; targets hold ``boxes`` float[N, 4] (x0, y0, x1, y1),
@@ -101,13 +101,13 @@ class InstanceModel(nn.Module):
         shifted = [{**t, "labels": t["labels"] + 1} for t in targets]
         return self.net(list(images), shifted)
 
-    def forward(self, images: torch.Tensor) -> list[dict]:
-        was = self.net.training
-        self.net.eval()
-        try:
-            out = self.net(list(images))
-        finally:
-            self.net.train(was)
+    def forward(self, images: torch.Tensor) -> list[dict] | dict[str, torch.Tensor]:
+        """Eval mode: the detections. Train mode: the backbone's features only — the pass that
+        ``torch.optim.swa_utils.update_bn`` makes to re-estimate BatchNorm statistics (the only
+        BatchNorm layers are the backbone's); training losses come from :meth:`losses`."""
+        if self.training:
+            return self.features(images)
+        out = self.net(list(images))
         return [{"masks": d["masks"][:, 0], "labels": d["labels"] - 1, "scores": d["scores"], "boxes": d["boxes"]} for d in out]
 
 

@@ -290,7 +290,7 @@ def load_pretrained(model: Segmenter, path: str | os.PathLike) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: pretrained weights file not found (lowlabel never downloads weights)")
     state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("model", "state_dict", "student"):
+    for key in ("model", "state_dict", "student", "weights"):  # weights: a lowlabel best.pt
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
     if not isinstance(state, dict):

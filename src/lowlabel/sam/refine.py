@@ -54,11 +54,11 @@ class RefineSettings:
             raise ValueError(f"unknown weak label kind {self.weak_kind!r}; choose from {WEAK_KINDS}")
 
 
-def _segment(segmenter: PromptableSegmenter, emb, point_sets: list[np.ndarray], chunk: int = 32):
-    """``segmenter.segment`` over the point sets in chunks of ``chunk``: SAM's decoder copies the
-    image embedding once per prompt (4 MB each for SAM), so thousands of instances at once would
-    need tens of GB."""
-    parts = [segmenter.segment(emb, _prompt_batch(point_sets[i : i + chunk])) for i in range(0, len(point_sets), chunk)]
+def segment_point_sets(segmenter: PromptableSegmenter, emb, point_sets: list[np.ndarray], chunk: int = 32, multimask: bool = True):
+    """``segmenter.segment`` over the point sets (positive points, one set per prompt) in chunks
+    of ``chunk``: SAM's decoder copies the image embedding once per prompt (4 MB each for SAM),
+    so thousands of instances at once would need tens of GB."""
+    parts = [segmenter.segment(emb, _prompt_batch(point_sets[i : i + chunk]), multimask=multimask) for i in range(0, len(point_sets), chunk)]
     if len(parts) == 1:
         return parts[0]
     low = [p.low_res_logits for p in parts]
@@ -104,7 +104,7 @@ def refine_image(image: np.ndarray, weak: np.ndarray | None, num_classes: int, s
                 cls.append(c)
                 weaks.append(inst)
         if sets:
-            seg = _segment(segmenter, emb, sets)
+            seg = segment_point_sets(segmenter, emb, sets)
             grown, gconf = coarse.copy(), annotated.astype(np.float32)
             chosen = [seg.masks[i, select_mask(seg.masks[i], seg.scores[i], "smallest", rng)] for i in range(len(sets))]
             _paint(grown, gconf, chosen, cls, [0.5] * len(chosen))  # first come, first served
@@ -121,7 +121,7 @@ def refine_image(image: np.ndarray, weak: np.ndarray | None, num_classes: int, s
                 cls.append(c)
                 weaks.append(inst)
     if sets:
-        seg = _segment(segmenter, emb, sets)
+        seg = segment_point_sets(segmenter, emb, sets)
         chosen, scores = [], []
         for i in range(len(sets)):
             j = select_mask(seg.masks[i], seg.scores[i], st.selection, rng, weak=weaks[i], tau1=st.tau1, tau2=st.tau2)
