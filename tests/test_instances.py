@@ -316,3 +316,26 @@ def test_s4m_pseudo_instances_threshold_size_and_sam_refinement():
     assert m["pseudo_instances"] == 1 and m["refined"] == 1
     after = iou(ids[0].numpy() > 0, disc)
     assert after > before + 0.1, (before, after)
+
+
+def test_bench_reports_mask_ap_for_instance_protocols(tmp_path):
+    import yaml
+
+    from lowlabel.bench import run_protocol
+
+    root = make_instance_dataset(tmp_path / "discs", n=8)
+    proto = {
+        "name": "discs-bench", "split": "test", "fractions": ["2"], "seeds": [0],
+        "config": {"data": {"root": str(root), "crop": 64, "labeled_batch": 2, "unlabeled_batch": 2},
+                   "model": {"arch": "maskrcnn"}, "optim": {"name": "adamw", "lr": 1e-4},
+                   "train": {"iterations": 1, "val_every": 1, "checkpoint_every": 1, "log_every": 1}, "eval": {"tile": 64}},
+        "methods": {"supervised": {"method": {"name": "supervised"}},
+                    "s4m": {"method": {"name": "s4m", "params": {"arp": True}}, "teacher": {"kind": "ema", "decay": 0.9996}}},
+    }
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(proto))
+    res = run_protocol(tmp_path / "p.yaml", out=tmp_path / "res", in_process=True)
+    assert sorted(r["method"] for r in res["rows"]) == ["s4m", "supervised"]
+    assert all(0.0 <= r["ap_mean"] <= 1.0 and r["count_mae_mean"] >= 0 for r in res["rows"])
+    md = (tmp_path / "res" / "results.md").read_text()
+    assert "test mask AP (%)" in md and "test mIoU" not in md
+    assert (tmp_path / "res" / "miou.png").is_file()

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import merge_raw, load_config
+from .config import load_config, merge_raw, task_of
 from .utils import atomic_write_json, atomic_write_text, console, remove_orphan_temps
 
 
@@ -128,21 +128,22 @@ def _run_cell(cell: dict, out_dir: str, split: str, report) -> None:
         hist, pseudo_acc = [], {}
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         for rec in records:
-            if "val" in rec:
-                hist.append([rec["iteration"], rec["val"]["miou"], rec["val"].get("dice_mean")])
+            if "val" in rec:  # [iteration, mIoU, Dice]; an instance run: [iteration, AP, None]
+                hist.append([rec["iteration"], rec["val"].get("miou", rec["val"].get("ap")), rec["val"].get("dice_mean")])
             for k, v in rec.items():
                 if is_pseudo_key(k):
                     pseudo_acc.setdefault(k, []).append([rec["iteration"], v])
         from .methods import get_method_class
 
-        mcls = get_method_class(cfg.method.name)
+        mcls = get_method_class(cfg.method.name, task_of(cfg))
         imgs_per_iter = cfg.data.labeled_batch + (cfg.data.unlabeled_batch if mcls.uses_unlabeled else 0)
         spi = summary["seconds_per_iteration"]
         step = step_seconds(records)
         report.put({
             **{k: cell[k] for k in ("cell", "method", "fraction", "seed")},
             "method_name": cfg.method.name,
-            "test_miou": test["miou"], "test_per_class_iou": test["per_class_iou"], "test_pixel_accuracy": test["pixel_accuracy"],
+            "test_miou": test.get("miou"), "test_per_class_iou": test.get("per_class_iou", {}), "test_pixel_accuracy": test.get("pixel_accuracy"),
+            **({f"test_{k}": test[k] for k in ("ap", "ap50", "ap75", "count_mae", "instances", "predicted_instances")} if test.get("task") == "instance" else {}),
             "dice_mean": test.get("dice_mean"), "dice_by": test.get("dice_by"), "test_per_class_dice": test.get("per_class_dice"),
             "dice_mean_pooled": test.get("dice_mean_pooled"),
             "best_val_miou": summary["best_val_miou"], "best_val_dice_mean": summary.get("best_val_dice_mean"),
@@ -198,7 +199,8 @@ def run_protocol(path: str | Path, out: str | Path | None = None, only: list[str
             "machine": f"{platform.node()} {platform.machine()} {platform.processor() or ''} ({mp.cpu_count()} cores)".strip(),
         })
         atomic_write_json(dest, res)
-        con.print(f"    test mIoU {100 * (res['test_miou'] or 0):.2f}, {res['train_seconds']:.0f} s, {res['images_per_second']} img/s, peak {res['peak_rss_mb']} MB")
+        score = f"test AP {100 * (res['test_ap'] or 0):.2f}" if "test_ap" in res else f"test mIoU {100 * (res['test_miou'] or 0):.2f}"
+        con.print(f"    {score}, {res['train_seconds']:.0f} s, {res['images_per_second']} img/s, peak {res['peak_rss_mb']} MB")
     return aggregate(out, proto)
 
 
@@ -230,10 +232,15 @@ def aggregate(out: str | Path, proto: dict | None = None) -> dict:
                 "dice_mean": dm, "dice_std": ds, "dice_per_seed": [r["dice_mean"] for r in by_seed], "dice_by": rs[0].get("dice_by"),
                 "per_class_dice_mean": {c: _mean_std([(r.get("test_per_class_dice") or {}).get(c) for r in rs])[0] for c in classes},
             }
+        ap = {}
+        if all("test_ap" in r for r in rs):
+            am, asd = _mean_std([r["test_ap"] for r in rs])
+            ap = {"ap_mean": am, "ap_std": asd, "ap_per_seed": [r["test_ap"] for r in by_seed],
+                  **{f"{k}_mean": _mean_std([r[f"test_{k}"] for r in rs])[0] for k in ("ap50", "ap75", "count_mae")}}
         table.append({
             "method": m, "fraction": f, "seeds": sorted(r["seed"] for r in rs), "test_miou_mean": mi, "test_miou_std": sd,
             "test_miou_per_seed": [r["test_miou"] for r in by_seed],
-            "per_class_iou_mean": per_class, **dice,
+            "per_class_iou_mean": per_class, **dice, **ap,
             "seconds_per_iteration": _mean_std([r["seconds_per_iteration"] for r in rs])[0],
             "step_seconds": _mean_std([r.get("step_seconds") for r in rs])[0],
             "torch_threads": sorted({r.get("torch_threads") for r in rs if r.get("torch_threads")}),
@@ -279,7 +286,9 @@ def markdown_table(results: dict) -> str:
         return f"# {results['protocol']}\n\nNo finished cells.\n"
     classes = list(rows[0]["per_class_iou_mean"])
     with_dice = all("dice_mean" in r for r in rows)
-    head = ["method", "labeled", "seeds"] + (["test Dice (%)", "Dice per seed"] if with_dice else []) + ["test mIoU (%)"]
+    with_ap = all("ap_mean" in r for r in rows)
+    head = ["method", "labeled", "seeds"] + (["test Dice (%)", "Dice per seed"] if with_dice else [])
+    head += ["test mask AP (%)", "AP per seed", "AP50", "AP75", "count MAE"] if with_ap else ["test mIoU (%)"]
     head += [f"{c} {'Dice' if with_dice else 'IoU'}" for c in classes] + ["s/step", "img/s", "threads", "train min", "peak MB"]
     lines = [f"# {results['protocol']}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
@@ -288,9 +297,13 @@ def markdown_table(results: dict) -> str:
 
     for r in rows:
         cells_ = [r["method"], _labeled_name(r["fraction"]), ",".join(map(str, r["seeds"]))]
+        if with_ap:
+            cells_ += [f"{pct(r['ap_mean'])} ± {pct(r['ap_std'])}", ", ".join(pct(v) for v in r["ap_per_seed"]), pct(r["ap50_mean"]), pct(r["ap75_mean"]),
+                       f"{r['count_mae_mean']:.1f}"]
         if with_dice:
             cells_ += [f"{pct(r['dice_mean'])} ± {pct(r['dice_std'])}", ", ".join(pct(v) for v in r["dice_per_seed"])]
-        cells_ += [f"{pct(r['test_miou_mean'])} ± {pct(r['test_miou_std'])}"]
+        if not with_ap:
+            cells_ += [f"{pct(r['test_miou_mean'])} ± {pct(r['test_miou_std'])}"]
         cells_ += [pct((r["per_class_dice_mean"] if with_dice else r["per_class_iou_mean"])[c]) for c in classes]
         cells_ += [f"{r['step_seconds']:.2f}", f"{r['images_per_second']:.1f}", ",".join(map(str, r.get("torch_threads", []))), f"{r['train_minutes']:.1f}", f"{r['peak_rss_mb']:.0f}"]
         lines.append("| " + " | ".join(cells_) + " |")
@@ -322,13 +335,14 @@ def plot_results(out: Path, table: list[dict], rows: list[dict]) -> None:
 
     fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(table)), 4))
     labels = [f"{r['method']}\n{_labeled_name(r['fraction'])}" for r in table]
-    ax.bar(range(len(table)), [100 * r["test_miou_mean"] for r in table], yerr=[100 * r["test_miou_std"] for r in table], capsize=4, color=[f"C{i}" for i in range(len(table))])
+    key, name = ("ap", "test mask AP") if all("ap_mean" in r for r in table) else ("test_miou", "test mIoU")
+    ax.bar(range(len(table)), [100 * r[f"{key}_mean"] for r in table], yerr=[100 * r[f"{key}_std"] for r in table], capsize=4, color=[f"C{i}" for i in range(len(table))])
     for r in table:
-        for v in r["test_miou_per_seed"]:
+        for v in r[f"{key}_per_seed"]:
             ax.plot(table.index(r), 100 * (v or 0), "k.", ms=5)
     ax.set_xticks(range(len(table)), labels, fontsize=8)
-    ax.set_ylabel("test mIoU (%)")
-    ax.set_title("test mIoU per method (bars: mean ± std over seeds; dots: seeds)")
+    ax.set_ylabel(f"{name} (%)")
+    ax.set_title(f"{name} per method (bars: mean ± std over seeds; dots: seeds)")
     fig.tight_layout()
     fig.savefig(out / "miou.png", dpi=110)
     plt.close(fig)
@@ -343,7 +357,7 @@ def plot_results(out: Path, table: list[dict], rows: list[dict]) -> None:
         ys = [p[2] if dice else p[1] for p in h]
         ax.plot([p[0] for p in h], [100 * (y or 0) for y in ys], "-", color=color, alpha=0.8, label=None if key in methods else f"{r['method']} {_labeled_name(r['fraction'])}")
         methods.append(key)
-    metric = "mean foreground Dice" if dice else "mIoU"
+    metric = "mean foreground Dice" if dice else "mask AP" if all("test_ap" in r for r in rows) else "mIoU"
     ax.set_xlabel("iteration")
     ax.set_ylabel(f"validation {metric} (%)")
     ax.legend(fontsize=8)
