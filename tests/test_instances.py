@@ -23,7 +23,7 @@ def boxes(h, w, *rects):
     for k, (y0, x0, y1, x1, s) in enumerate(rects):
         masks[k, y0:y1, x0:x1] = True
         scores.append(s)
-    return Instances(masks, np.array(scores, np.float32), np.zeros(len(rects), np.int64))
+    return Instances.from_masks(masks, scores, np.zeros(len(rects), np.int64))
 
 
 def test_instance_targets_boxes_masks_and_min_size():
@@ -59,7 +59,7 @@ def test_mask_ap_hand_computed_cases():
     assert r["ap50"] == pytest.approx(0.5) and r["ap"] == pytest.approx(0.15)
     # two touching objects (50 + 30 px) merged into one prediction: IoU 50/80 = 0.625 with the larger
     touching = boxes(h, w, (2, 2, 12, 7, 1.0), (2, 7, 8, 12, 1.0))
-    merged = Instances(touching.masks.any(0, keepdims=True), np.array([0.9], np.float32), np.zeros(1, np.int64))
+    merged = Instances.from_masks(touching.masks.any(0, keepdims=True), [0.9], [0])
     r = mask_ap([merged], [touching])
     assert r["ap50"] == pytest.approx(51 / 101) and r["ap"] == pytest.approx(3 * 51 / 101 / 10) and r["ap75"] == pytest.approx(0.0)
     # no prediction at all
@@ -138,11 +138,12 @@ def test_merge_tiles_drops_cut_copies_and_duplicates():
     cut[5:10, 0:1] = True  # its sliver in the right tile (x 14..30), touching that tile's left edge
     dup = np.zeros((20, 16), bool)
     dup[12:15, 3:6] = True  # an object at x 17..20, seen whole by the right tile ...
-    tiles = [((0, 0, 20, 16), Instances(whole[None], np.array([0.9], np.float32), np.zeros(1, np.int64))),
-             ((0, 14, 20, 16), Instances(np.stack([cut, dup]), np.array([0.95, 0.8], np.float32), np.zeros(2, np.int64)))]
+    tiles = [((0, 0, 20, 16), Instances.from_masks(whole[None], [0.9], [0], size=(h, w))),
+             ((0, 14, 20, 16), Instances.from_masks(np.stack([cut, dup]), [0.95, 0.8], [0, 0], offset=(0, 14), size=(h, w)))]
     out = merge_tiles(h, w, tiles)
     assert len(out) == 2
-    assert sorted(int(m.sum()) for m in out.masks) == [9, 25]
+    assert sorted(int(m.sum()) for m in out.masks) == [9, 25] and out.masks.shape == (2, h, w)
+    assert out.boxes.tolist() == [[5, 10, 10, 15], [12, 17, 15, 20]]
 
 
 def make_instance_dataset(root: Path, n: int = 6, size: int = 64, seed: int = 0) -> Path:

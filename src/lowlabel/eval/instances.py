@@ -15,7 +15,7 @@ the objects, every object lies whole inside some tile, so nothing is cut or dupl
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -25,50 +25,104 @@ from ..data.tiling import TileGrid
 
 @dataclass
 class Instances:
-    """Instances of one image: ``masks`` bool [N, H, W], ``scores`` float [N], ``labels`` int [N]."""
+    """Instances of one ``size`` = (H, W) image, stored sparsely: ``boxes`` int [N, 4] (y0, x0,
+    y1, x1; exclusive ends) and ``crops``, each instance's bool mask inside its box; ``scores``
+    float [N], ``labels`` int [N]. Memory grows with the objects' area, not with N x H x W (500
+    detections on a 1388 x 1040 image would be 720 MB as full masks)."""
 
-    masks: np.ndarray
+    boxes: np.ndarray
+    crops: list
     scores: np.ndarray
     labels: np.ndarray
-    meta: dict = field(default_factory=dict)
+    size: tuple
 
     def __len__(self) -> int:
         return len(self.scores)
 
     @classmethod
     def empty(cls, h: int, w: int) -> "Instances":
-        return cls(np.zeros((0, h, w), bool), np.zeros(0, np.float32), np.zeros(0, np.int64))
+        return cls(np.zeros((0, 4), np.int64), [], np.zeros(0, np.float32), np.zeros(0, np.int64), (h, w))
+
+    @classmethod
+    def from_masks(cls, masks: np.ndarray, scores, labels, offset: tuple[int, int] = (0, 0), size: tuple | None = None) -> "Instances":
+        """From full masks bool [N, h, w] (empty ones dropped), placed at ``offset`` in an image
+        of ``size`` (default: the masks' own)."""
+        size = tuple(size or masks.shape[1:])
+        boxes, crops, keep = [], [], []
+        for k, m in enumerate(masks):
+            rows, cols = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))
+            if not len(rows):
+                continue
+            y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+            boxes.append([y0 + offset[0], x0 + offset[1], y1 + offset[0], x1 + offset[1]])
+            crops.append(np.ascontiguousarray(m[y0:y1, x0:x1]))
+            keep.append(k)
+        return cls(np.array(boxes, np.int64).reshape(-1, 4), crops, np.asarray(scores, np.float32)[keep], np.asarray(labels, np.int64)[keep], size)
+
+    def subset(self, idx) -> "Instances":
+        idx = np.asarray(idx)
+        idx = np.flatnonzero(idx) if idx.dtype == bool else idx.astype(np.int64).reshape(-1)
+        return Instances(self.boxes[idx].reshape(-1, 4), [self.crops[i] for i in idx], self.scores[idx], self.labels[idx], self.size)
+
+    def mask(self, k: int) -> np.ndarray:
+        """Instance k's full bool mask [H, W]."""
+        out = np.zeros(self.size, bool)
+        y0, x0, y1, x1 = self.boxes[k]
+        out[y0:y1, x0:x1] = self.crops[k]
+        return out
+
+    @property
+    def masks(self) -> np.ndarray:
+        """All full masks, bool [N, H, W] (for small images and tests)."""
+        return np.stack([self.mask(k) for k in range(len(self))]) if len(self) else np.zeros((0, *self.size), bool)
+
+    def areas(self) -> np.ndarray:
+        return np.array([int(c.sum()) for c in self.crops], np.int64)
 
     def id_map(self) -> np.ndarray:
         """uint16 [H, W]: instance k (1-based, by descending score) where its mask is; where
         masks overlap the higher-scoring instance wins."""
-        h, w = self.masks.shape[1:]
-        out = np.zeros((h, w), np.uint16)
+        out = np.zeros(self.size, np.uint16)
         order = np.argsort(-self.scores, kind="stable")
         for rank in range(len(order) - 1, -1, -1):  # lowest score first, overwritten by higher ones
-            out[self.masks[order[rank]]] = rank + 1
+            k = order[rank]
+            y0, x0, y1, x1 = self.boxes[k]
+            out[y0:y1, x0:x1][self.crops[k]] = rank + 1
         return out
 
 
 def from_id_map(ids: np.ndarray, labels: dict | None = None) -> Instances:
     """Ground-truth instances of an id map (0 = background), score 1."""
+    from scipy import ndimage
+
     ids = np.asarray(ids)
-    u = np.unique(ids)
-    u = u[u > 0]
-    masks = ids[None] == u[:, None, None] if len(u) else np.zeros((0,) + ids.shape, bool)
-    lab = np.array([labels.get(int(i), 0) if labels else 0 for i in u], np.int64)
-    return Instances(masks, np.ones(len(u), np.float32), lab)
+    boxes, crops, lab = [], [], []
+    for i, sl in enumerate(ndimage.find_objects(ids.astype(np.int64)), start=1):
+        if sl is None:
+            continue
+        boxes.append([sl[0].start, sl[1].start, sl[0].stop, sl[1].stop])
+        crops.append(ids[sl] == i)
+        lab.append(labels.get(i, 0) if labels else 0)
+    return Instances(np.array(boxes, np.int64).reshape(-1, 4), crops, np.ones(len(crops), np.float32), np.array(lab, np.int64), ids.shape)
 
 
-def overlap_over_smaller(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """[Na, Nb] |a ∩ b| / min(|a|, |b|) of two stacks of boolean masks."""
+def overlap_over_smaller(a: Instances, b: Instances) -> np.ndarray:
+    """[Na, Nb] |a ∩ b| / min(|a|, |b|) of two instance sets of one image (only pairs whose
+    boxes intersect are computed)."""
+    out = np.zeros((len(a), len(b)))
     if not len(a) or not len(b):
-        return np.zeros((len(a), len(b)))
-    fa = a.reshape(len(a), -1).astype(np.float32)
-    fb = b.reshape(len(b), -1).astype(np.float32)
-    inter = fa @ fb.T
-    small = np.minimum(fa.sum(1)[:, None], fb.sum(1)[None, :])
-    return inter / np.maximum(small, 1)
+        return out
+    area_a, area_b = a.areas(), b.areas()
+    for i in range(len(a)):
+        ay0, ax0, ay1, ax1 = a.boxes[i]
+        y0, x0 = np.maximum(b.boxes[:, 0], ay0), np.maximum(b.boxes[:, 1], ax0)
+        y1, x1 = np.minimum(b.boxes[:, 2], ay1), np.minimum(b.boxes[:, 3], ax1)
+        for j in np.flatnonzero((y1 > y0) & (x1 > x0)):
+            by0, bx0 = b.boxes[j, :2]
+            ca = a.crops[i][y0[j] - ay0 : y1[j] - ay0, x0[j] - ax0 : x1[j] - ax0]
+            cb = b.crops[j][y0[j] - by0 : y1[j] - by0, x0[j] - bx0 : x1[j] - bx0]
+            out[i, j] = (ca & cb).sum() / max(min(area_a[i], area_b[j]), 1)
+    return out
 
 
 def mask_nms(inst: Instances, thresh: float = 0.5) -> Instances:
@@ -77,33 +131,34 @@ def mask_nms(inst: Instances, thresh: float = 0.5) -> Instances:
     order = np.argsort(-inst.scores, kind="stable")
     keep: list[int] = []
     for i in order:
-        if keep and overlap_over_smaller(inst.masks[i : i + 1], inst.masks[keep]).max() > thresh:
+        if keep and overlap_over_smaller(inst.subset([i]), inst.subset(keep)).max() > thresh:
             continue
         keep.append(int(i))
-    return Instances(inst.masks[keep], inst.scores[keep], inst.labels[keep])
+    return inst.subset(keep)
+
+
+def concat(parts: list[Instances], size: tuple) -> Instances:
+    parts = [p for p in parts if len(p)]
+    if not parts:
+        return Instances.empty(*size)
+    return Instances(np.concatenate([p.boxes for p in parts]), [c for p in parts for c in p.crops],
+                     np.concatenate([p.scores for p in parts]), np.concatenate([p.labels for p in parts]), size)
 
 
 def merge_tiles(h: int, w: int, tiles: list[tuple[tuple[int, int, int, int], Instances]], merge_iou: float = 0.5) -> Instances:
-    """Merge per-tile instances (``((y0, x0, th, tw), instances in tile coordinates)``) into one
-    image of ``h`` x ``w`` (see the module docstring)."""
+    """Merge per-tile instances (``((y0, x0, th, tw), instances)``, boxes already in image
+    coordinates) into one image of ``h`` x ``w`` (see the module docstring)."""
     whole, cut = [], []
     for (y0, x0, th, tw), inst in tiles:
-        for k in range(len(inst)):
-            m = inst.masks[k]
-            touches = ((y0 > 0 and m[0].any()) or (x0 > 0 and m[:, 0].any())
-                       or (y0 + th < h and m[-1].any()) or (x0 + tw < w and m[:, -1].any()))
-            full = np.zeros((h, w), bool)
-            full[y0 : y0 + th, x0 : x0 + tw] = m
-            (cut if touches else whole).append((full, float(inst.scores[k]), int(inst.labels[k])))
-    if whole and cut:
-        wm = np.stack([x[0] for x in whole])
-        ov = overlap_over_smaller(np.stack([x[0] for x in cut]), wm).max(1)
-        cut = [c for c, o in zip(cut, ov) if o <= merge_iou]
-    items = whole + cut
-    if not items:
-        return Instances.empty(h, w)
-    merged = Instances(np.stack([x[0] for x in items]), np.array([x[1] for x in items], np.float32), np.array([x[2] for x in items], np.int64))
-    return mask_nms(merged, merge_iou)
+        b = inst.boxes
+        touches = (((b[:, 0] == y0) & (y0 > 0)) | ((b[:, 1] == x0) & (x0 > 0))
+                   | ((b[:, 2] == y0 + th) & (y0 + th < h)) | ((b[:, 3] == x0 + tw) & (x0 + tw < w)))
+        whole.append(inst.subset(~touches))
+        cut.append(inst.subset(touches))
+    whole, cut = concat(whole, (h, w)), concat(cut, (h, w))
+    if len(whole) and len(cut):
+        cut = cut.subset(overlap_over_smaller(cut, whole).max(1) <= merge_iou)
+    return mask_nms(concat([whole, cut], (h, w)), merge_iou)
 
 
 @torch.no_grad()
@@ -119,10 +174,11 @@ def predict_instances(model, image, *, tile: int = 512, overlap: float | int = 0
     tiles = []
     for (y0, x0, th, tw) in grid:
         det = model(x[:, y0 : y0 + th, x0 : x0 + tw].unsqueeze(0).to(device))[0]
-        masks = (det["masks"] > mask_threshold).cpu().numpy()
         scores = det["scores"].cpu().numpy()
-        keep = (scores >= score_threshold) & (masks.reshape(len(masks), th * tw).sum(1) >= min_size)
-        tiles.append(((y0, x0, th, tw), Instances(masks[keep], scores[keep].astype(np.float32), det["labels"].cpu().numpy()[keep])))
+        keep = scores >= score_threshold
+        masks = (det["masks"][torch.from_numpy(keep)] > mask_threshold).cpu().numpy()
+        inst = Instances.from_masks(masks, scores[keep], det["labels"].cpu().numpy()[keep], offset=(y0, x0), size=(h, w))
+        tiles.append(((y0, x0, th, tw), inst.subset(inst.areas() >= min_size)))
     if len(tiles) == 1:
         return tiles[0][1]
     return merge_tiles(h, w, tiles, merge_iou)
@@ -151,14 +207,14 @@ def mask_ap(predictions: list[Instances], truths: list[Instances], max_dets: int
         return r
 
     for i, (p, t) in enumerate(zip(predictions, truths)):
-        h, w = t.masks.shape[1:] if len(t) else p.masks.shape[1:]
+        h, w = t.size
         images.append({"id": i + 1, "height": int(h), "width": int(w)})
         for k in range(len(t)):
-            r = rle(t.masks[k])
+            r = rle(t.mask(k))
             anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": int(t.labels[k]) + 1, "segmentation": r,
-                         "area": float(t.masks[k].sum()), "bbox": list(mask_utils.toBbox(r)), "iscrowd": 0})
+                         "area": float(t.crops[k].sum()), "bbox": list(mask_utils.toBbox(r)), "iscrowd": 0})
         for k in range(len(p)):
-            dets.append({"image_id": i + 1, "category_id": int(p.labels[k]) + 1, "segmentation": rle(p.masks[k]), "score": float(p.scores[k])})
+            dets.append({"image_id": i + 1, "category_id": int(p.labels[k]) + 1, "segmentation": rle(p.mask(k)), "score": float(p.scores[k])})
     n_gt = len(anns)
     out = {"ap": None, "ap50": None, "ap75": None, "instances": n_gt, "detections": len(dets)}
     if not n_gt:
@@ -205,7 +261,7 @@ def evaluate_instances(model, dataset, *, eval_cfg, device, score_threshold: flo
             adv()
     model.train(was)
     out = mask_ap(preds, truths)
-    confident = [Instances(p.masks[p.scores >= score_threshold], p.scores[p.scores >= score_threshold], p.labels[p.scores >= score_threshold]) for p in preds]
+    confident = [p.subset(p.scores >= score_threshold) for p in preds]
     out.update(count_errors(confident, truths))
     out.update({"images": n, "predicted_instances": int(sum(len(p) for p in confident))})
     return out
@@ -240,10 +296,10 @@ def coco_results(image_id: int, inst: Instances) -> list[dict]:
 
     out = []
     for k in np.argsort(-inst.scores, kind="stable"):
-        r = mask_utils.encode(np.asfortranarray(inst.masks[k].astype(np.uint8)))
+        r = mask_utils.encode(np.asfortranarray(inst.mask(k).astype(np.uint8)))
         r["counts"] = r["counts"].decode("ascii")
         out.append({"image_id": image_id, "category_id": int(inst.labels[k]) + 1, "segmentation": r,
-                    "bbox": [float(v) for v in mask_utils.toBbox(r)], "area": int(inst.masks[k].sum()), "score": round(float(inst.scores[k]), 5)})
+                    "bbox": [float(v) for v in mask_utils.toBbox(r)], "area": int(inst.crops[k].sum()), "score": round(float(inst.scores[k]), 5)})
     return out
 
 
