@@ -11,6 +11,8 @@ whole in another tile overlaps it (overlap over the smaller mask > ``merge_iou``
 instances then go through mask non-maximum suppression (same criterion, higher score wins),
 which removes the duplicates that overlapping tiles both see whole. With an overlap larger than
 the objects, every object lies whole inside some tile, so nothing is cut or duplicated.
+The merging is written here: pycocotools scores instances and torchvision predicts them, but
+neither merges instances across tiles.
 """
 
 from __future__ import annotations
