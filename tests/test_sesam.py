@@ -57,14 +57,23 @@ def test_losses_follow_the_papers_precedence(scribbled, tmp_path):
     assert (bank[raw != 255] == raw[raw != 255]).all()
 
 
-def test_refresh_every_m_iterations(scribbled, tmp_path, monkeypatch):
+def test_refresh_every_m_sightings_of_an_image(scribbled, tmp_path, monkeypatch):
+    """Each image gets SAM labels the first time it is seen, then every M-th time (per image, not
+    per global iteration: with an epoch sampler a global rule leaves most first-epoch views without
+    SAM labels)."""
     from lowlabel.methods.sesam import SeSAM
 
-    calls = []
-    real = SeSAM.refresh
-    monkeypatch.setattr(SeSAM, "refresh", lambda self, sid, teacher, it: calls.append(it) or real(self, sid, teacher, it))
-    fit(load_config(raw=_raw(scribbled, tmp_path / "runs", iterations=9, resample_every=4)), progress=False)
-    assert sorted(set(calls)) == [0, 4, 8] and len(calls) == 6  # 2 images per refreshed batch
+    calls, seen = [], []
+    real, step = SeSAM.refresh, SeSAM.training_step
+    monkeypatch.setattr(SeSAM, "refresh", lambda self, sid, teacher, it: calls.append((sid, it)) or real(self, sid, teacher, it))
+    monkeypatch.setattr(SeSAM, "training_step", lambda self, s, t, lab, unl, ctx: seen.extend((sid, ctx.iteration) for sid in lab["id"]) or step(self, s, t, lab, unl, ctx))
+    fit(load_config(raw=_raw(scribbled, tmp_path / "runs", iterations=15, resample_every=2)), progress=False)
+    expected = []
+    for sid in sorted({s for s, _ in seen}):
+        its = [it for s, it in seen if s == sid]
+        assert len(its) == 3  # 10 images, 2 a batch, 15 iterations: 3 epochs
+        expected += [(sid, its[0]), (sid, its[2])]  # sightings 0 and 2 with M = 2
+    assert sorted(calls) == sorted(expected)
 
 
 def test_resume_mid_epoch_keeps_the_sam_labels(scribbled, tmp_path):
