@@ -2,7 +2,7 @@ import json
 
 import yaml
 
-from lowlabel.bench import _late_pseudo_means, cells, load_protocol, run_protocol, step_seconds
+from lowlabel.bench import _late_pseudo_means, aggregate, cells, label_kind, load_protocol, run_protocol, step_seconds
 from lowlabel.cli import main
 from lowlabel.config import load_config
 
@@ -28,6 +28,7 @@ def test_two_cell_protocol_runs_resumes_and_reports(tiny_dataset, tmp_path):
     for k in ("test_miou", "test_per_class_iou", "dice_mean", "test_per_class_dice", "train_seconds", "seconds_per_iteration", "images_per_second", "peak_rss_mb", "commit", "val_history", "step_seconds"):
         assert k in cell
     assert cell["peak_rss_mb"] > 10
+    assert cell["labeled_images"] == 2 and cell["label_kind"] == "fine"
     assert {"acc_all", "mask_ratio"} <= set(cell["pseudo_accuracy_history"])  # acc_threshold only once a pixel is confident
     for f in ("results.json", "results.md", "miou.png", "val_curves.png", "pseudo_labels.png"):
         assert (out / f).exists()
@@ -76,3 +77,29 @@ def test_step_seconds_leaves_out_validation_and_resumes():
             {"iteration": 50, "time": 8.0}, {"iteration": 60, "time": 18.0}]    # resumed: clock restarts
     assert step_seconds(recs) == 1.0
     assert step_seconds([{"iteration": 10, "time": 1.0}]) is None
+
+
+def test_weak_vs_fine_and_annotation_cost(tmp_path):
+    """WvF is each row's score over the reference row's; annotation hours are labeled images x
+    SeSAM's per-image cost of the row's label kind (scribble 2.2 min, fine 90 min)."""
+    assert (label_kind(None), label_kind("scribbles"), label_kind("points"), label_kind("coarse"), label_kind("refined")) == ("fine", "scribble", "point", "coarse", None)
+    (tmp_path / "cells").mkdir()
+
+    def cell(method, seed, dice, n, kind):
+        rec = {"cell": f"{method}__1__s{seed}", "method": method, "fraction": "1", "seed": seed, "test_miou": dice, "test_per_class_iou": {"a": dice},
+               "dice_mean": dice, "dice_by": "volume", "test_per_class_dice": {"a": dice}, "seconds_per_iteration": 1.0, "step_seconds": 1.0,
+               "images_per_second": 8.0, "train_seconds": 60.0, "peak_rss_mb": 100.0, "val_history": [[10, dice, dice]], "iterations": 10,
+               "commit": "c", "machine": "m", "labeled_images": n, "label_kind": kind}
+        (tmp_path / "cells" / f"{rec['cell']}.json").write_text(json.dumps(rec))
+
+    for seed, (a, b) in enumerate([(0.4, 0.8), (0.6, 0.8)]):
+        cell("pce", seed, a, 100, "scribble")
+        cell("full", seed, b, 100, "fine")
+    res = aggregate(tmp_path, {"name": "t", "methods": {"pce": {}, "full": {}}})
+    rows = {r["method"]: r for r in res["rows"]}
+    assert abs(rows["pce"]["wvf"] - 0.625) < 1e-9 and rows["full"]["wvf"] == 1.0
+    assert abs(rows["pce"]["annotation_hours"] - 100 * 2.2 / 60) < 1e-9 and rows["full"]["annotation_hours"] == 150
+    md = (tmp_path / "results.md").read_text()
+    assert "| 62.5 | 100 x scribble | 3.7 |" in md and (tmp_path / "cost_vs_score.png").exists()
+    res = aggregate(tmp_path, {"name": "t", "methods": {"pce": {}, "full": {}}, "reference": "none-such"})
+    assert "wvf" not in res["rows"][0]

@@ -38,7 +38,18 @@ from pathlib import Path
 import yaml
 
 from .config import load_config, merge_raw, task_of
+from .data.dataset import read_ids
+from .data.weak import FOLDERS, annotation_hours
 from .utils import atomic_write_json, atomic_write_text, console, remove_orphan_temps
+
+
+def label_kind(weak: str | None) -> str | None:
+    """The annotation kind of a run's labels: ``fine`` for dense masks, ``point`` / ``scribble`` /
+    ``coarse`` for the weak-label folders of those names; None for other folders (e.g. a
+    ``refine`` output, whose cost is that of the labels it was refined from)."""
+    if not weak:
+        return "fine"
+    return {folder: kind for kind, folder in FOLDERS.items()}.get(weak)
 
 
 def load_protocol(path: str | Path) -> dict:
@@ -137,11 +148,14 @@ def _run_cell(cell: dict, out_dir: str, split: str, report) -> None:
 
         mcls = get_method_class(cfg.method.name, task_of(cfg))
         imgs_per_iter = cfg.data.labeled_batch + (cfg.data.unlabeled_batch if mcls.uses_unlabeled else 0)
+        labeled_list = run_dir / "splits" / "labeled.txt"
+        labeled_images = len(read_ids(labeled_list)) if labeled_list.exists() else None
         spi = summary["seconds_per_iteration"]
         step = step_seconds(records)
         report.put({
             **{k: cell[k] for k in ("cell", "method", "fraction", "seed")},
             "method_name": cfg.method.name,
+            "labeled_images": labeled_images, "label_kind": label_kind(cfg.data.weak),
             "test_miou": test.get("miou"), "test_per_class_iou": test.get("per_class_iou", {}), "test_pixel_accuracy": test.get("pixel_accuracy"),
             **({f"test_{k}": test[k] for k in ("ap", "ap50", "ap75", "count_mae", "instances", "predicted_instances")} if test.get("task") == "instance" else {}),
             "dice_mean": test.get("dice_mean"), "dice_by": test.get("dice_by"), "test_per_class_dice": test.get("per_class_dice"),
@@ -248,7 +262,9 @@ def aggregate(out: str | Path, proto: dict | None = None) -> dict:
             "train_minutes": _mean_std([r["train_seconds"] / 60 for r in rs])[0],
             "peak_rss_mb": max(r["peak_rss_mb"] for r in rs),
             "pseudo_labels": _late_pseudo_means(rs),
+            **_annotation(rs),
         })
+    _weak_vs_fine(table, proto)
     results = {"protocol": proto["name"] if proto else out.name, "rows": table, "cells": len(rows),
                "commits": sorted({r["commit"] for r in rows if r.get("commit")}), "machines": sorted({r["machine"] for r in rows})}
     atomic_write_json(out / "results.json", results)
@@ -256,6 +272,37 @@ def aggregate(out: str | Path, proto: dict | None = None) -> dict:
     if rows:
         plot_results(out, table, rows)
     return results
+
+
+def _annotation(rs: list[dict]) -> dict:
+    """Labeled images and their annotation time (SeSAM's per-image costs, ``data.weak.COST_SECONDS``)
+    of a row, where its cells recorded them."""
+    kinds = {r.get("label_kind") for r in rs}
+    counts = [r.get("labeled_images") for r in rs]
+    if len(kinds) != 1 or None in kinds or None in counts:
+        return {}
+    kind = kinds.pop()
+    images = statistics.fmean(counts)
+    return {"label_kind": kind, "labeled_images": images, "annotation_hours": annotation_hours(kind, 1) * images}
+
+
+def _score_key(table: list[dict]) -> str:
+    if all("ap_mean" in r for r in table):
+        return "ap_mean"
+    return "dice_mean" if all("dice_mean" in r for r in table) else "test_miou_mean"
+
+
+def _weak_vs_fine(table: list[dict], proto: dict | None) -> None:
+    """WvF (weak vs fine, SeSAM Table 1): each row's score over the reference row's (the
+    protocol's ``reference`` method, by default a method named ``full``), same budget."""
+    ref_name = (proto or {}).get("reference", "full")
+    ref = next((r for r in table if r["method"] == ref_name), None)
+    if not table or ref is None:
+        return
+    key = _score_key(table)
+    for r in table:
+        r["wvf"] = r[key] / ref[key] if ref[key] else None
+        r["wvf_reference"] = ref_name
 
 
 def _late_pseudo_means(rs: list[dict]) -> dict[str, float]:
@@ -289,6 +336,9 @@ def markdown_table(results: dict) -> str:
     with_ap = all("ap_mean" in r for r in rows)
     head = ["method", "labeled", "seeds"] + (["test Dice (%)", "Dice per seed"] if with_dice else [])
     head += ["test mask AP (%)", "AP per seed", "AP50", "AP75", "count MAE"] if with_ap else ["test mIoU (%)"]
+    with_cost = all("annotation_hours" in r for r in rows)
+    with_wvf = all(r.get("wvf") is not None for r in rows)
+    head += (["WvF (%)"] if with_wvf else []) + (["labels", "annotation h"] if with_cost else [])
     head += [f"{c} {'Dice' if with_dice else 'IoU'}" for c in classes] + ["s/step", "img/s", "threads", "train min", "peak MB"]
     lines = [f"# {results['protocol']}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
@@ -304,11 +354,16 @@ def markdown_table(results: dict) -> str:
             cells_ += [f"{pct(r['dice_mean'])} ± {pct(r['dice_std'])}", ", ".join(pct(v) for v in r["dice_per_seed"])]
         if not with_ap:
             cells_ += [f"{pct(r['test_miou_mean'])} ± {pct(r['test_miou_std'])}"]
+        cells_ += [pct(r["wvf"])] if with_wvf else []
+        cells_ += [f"{r['labeled_images']:.0f} x {r['label_kind']}", f"{r['annotation_hours']:.1f}"] if with_cost else []
         cells_ += [pct((r["per_class_dice_mean"] if with_dice else r["per_class_iou_mean"])[c]) for c in classes]
         cells_ += [f"{r['step_seconds']:.2f}", f"{r['images_per_second']:.1f}", ",".join(map(str, r.get("torch_threads", []))), f"{r['train_minutes']:.1f}", f"{r['peak_rss_mb']:.0f}"]
         lines.append("| " + " | ".join(cells_) + " |")
     lines += [
         *(["", f"Dice: mean foreground Dice, {'per volume (slices of one volume stacked), averaged over volumes' if rows[0].get('dice_by') == 'volume' else 'pooled over the split'}; per-class columns are Dice."] if with_dice else []),
+        *(["", f"WvF: the row's score over the `{rows[0]['wvf_reference']}` row's (weak vs fine supervision, SeSAM Table 1)."] if with_wvf else []),
+        *(["", "annotation h: labeled images x SeSAM's per-image annotation times (sec. 4, Cityscapes: fine 90 min, coarse 7 min, "
+               "scribble 2.2 min, point 45 s) — a model of relative cost, not a measurement on these images; see cost_vs_score.png."] if with_cost else []),
         "", "s/step: seconds per training step (median over logging intervals, so validation is left out); "
         "img/s: labeled + unlabeled images per second of training steps (timings depend on the threads and on what else ran; see the cells' JSON); train min: wall time including validation.",
         "", f"Commits: {', '.join(c[:10] for c in results['commits'])}. Machines: {'; '.join(results['machines'])}.", ""]
@@ -367,6 +422,32 @@ def plot_results(out: Path, table: list[dict], rows: list[dict]) -> None:
     fig.savefig(out / "val_curves.png", dpi=110)
     plt.close(fig)
     plot_pseudo_labels(out, rows, plt)
+    plot_cost(out, table, plt)
+
+
+def plot_cost(out: Path, table: list[dict], plt) -> None:
+    """Score against annotation time (SeSAM Fig. 4), one point per row, where the rows recorded
+    their labels."""
+    rows = [r for r in table if "annotation_hours" in r]
+    if len(rows) < 2:
+        return
+    key = _score_key(rows)
+    name = {"ap_mean": "test mask AP", "dice_mean": "test mean foreground Dice", "test_miou_mean": "test mIoU"}[key]
+    std = key.replace("_mean", "_std")
+    markers = {"fine": "s", "coarse": "D", "scribble": "^", "point": "o"}
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for i, r in enumerate(rows):
+        ax.errorbar(r["annotation_hours"], 100 * r[key], yerr=100 * (r.get(std) or 0), fmt=markers.get(r["label_kind"], "x"), color=f"C{i}", capsize=3, ms=7,
+                    label=f"{r['method']} ({r['labeled_images']:.0f} x {r['label_kind']})")
+    ax.set_xscale("log")
+    ax.set_xlabel("annotation time (h, SeSAM's per-image costs)")
+    ax.set_ylabel(f"{name} (%)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    ax.set_title("accuracy vs annotation cost (mean ± std over seeds)")
+    fig.tight_layout()
+    fig.savefig(out / "cost_vs_score.png", dpi=110)
+    plt.close(fig)
 
 
 def _smooth(ys: list[float], k: int = 5) -> list[float]:
