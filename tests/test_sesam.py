@@ -39,7 +39,9 @@ def test_gather_maps_original_frame_labels_onto_views():
 def test_losses_follow_the_papers_precedence(scribbled, tmp_path):
     """Each loss reads only its own pixels: L_SAM never where a weak label is, L_pseudo only
     where neither a weak nor a SAM label is."""
-    tr = Trainer(load_config(raw=_raw(scribbled, tmp_path / "runs", theta1=0.0)), progress=False)
+    raw = _raw(scribbled, tmp_path / "runs", theta1=0.0)
+    raw["data"]["unlabeled_gt"] = True  # the dense masks, for the SAM-label accuracy diagnostic only
+    tr = Trainer(load_config(raw=raw), progress=False)
     batch = tr._to_device(next(tr.lab_stream.batches(0)))
     out = tr.method.training_step(tr.student, tr.teacher, batch, None, tr._ctx())  # iteration 0: refresh
     assert out.metrics["bank_images"] == 2
@@ -50,6 +52,9 @@ def test_losses_follow_the_papers_precedence(scribbled, tmp_path):
     assert out.metrics["sam_ratio"] == pytest.approx(sam_only.sum().item() / n)
     assert out.metrics["pseudo_ratio"] == pytest.approx(((weak == 255) & (sam == 255) & valid).sum().item() / n)  # theta1 = 0 keeps all
     assert sam_only.any() and out.metrics["pseudo_ratio"] > 0
+    gt = batch["gt"]
+    assert (weak[weak != 255] == gt[weak != 255]).all()  # the weak labels are the truth's pixels
+    assert out.metrics["acc_sam"] == pytest.approx((sam[sam_only] == gt[sam_only]).float().mean().item())
     # the weak labels override SAM's in the bank itself (original frame)
     sid = batch["id"][0]
     raw = tr.labeled_set.load(tr.labeled_set.ids.index(sid))["mask"]

@@ -42,7 +42,7 @@ class DataConfig(_Strict):
     base_size: int | None = Field(None, description="long side before rescale; None keeps the image size")
     resize: bool = Field(False, description="resize each image whole to crop x crop instead of rescale + crop (UniMatch's medical recipe)")
     rotate: Literal["none", "medical"] = Field("none", description="'medical': random rot90 + flip or a rotation of up to 20 degrees (UniMatch's ACDC recipe), instead of the horizontal flip")
-    unlabeled_gt: bool = Field(False, description="load unlabeled images' masks to log pseudo-label accuracy (never used in losses)")
+    unlabeled_gt: bool = Field(False, description="load the dense masks of unlabeled (and, with data.weak, weakly labeled) images to log pseudo-label accuracy (never used in losses)")
     labeled_batch: int = Field(4, ge=1)
     unlabeled_batch: int = Field(4, ge=1)
     workers: int = Field(0, ge=0)

@@ -247,8 +247,9 @@ class FolderDataset(torch.utils.data.Dataset):
         bands, value_range: read images as rasters (see :func:`read_image`).
         coords: add ``src_y`` / ``src_x``, each pixel's row and column, which the augmentations
             move with the pixels (a method maps per-image maps of the original frame with them).
-        diagnostic_gt: for unlabeled samples, load the mask (when the file exists) into
-            ``sample["gt"]`` — used only to *measure* pseudo-label accuracy, never in a loss.
+        diagnostic_gt: for unlabeled and weakly labeled samples, load the dense mask (when the
+            file exists) into ``sample["gt"]`` — used only to *measure* pseudo-label (and SAM-label)
+            accuracy, never in a loss.
         transform: called on the sample dict; receives ``(sample, rng)`` when it accepts two
             arguments, with ``rng`` a ``numpy.random.Generator`` seeded from
             ``(seed, epoch, index)`` so augmentation is reproducible whatever the worker count.
@@ -290,7 +291,7 @@ class FolderDataset(torch.utils.data.Dataset):
                 raise DatasetError(self.root / "dataset.json", f"data.weak_confidence={confidence!r} needs weak labels with confidence maps "
                                    f"(weak_confidence in dataset.json, written by `lowlabel refine`); data.weak is {weak!r}")
             self.confidence_folder = self.root / str(folder).rstrip("/")
-        self.diagnostic_gt = diagnostic_gt and not labeled and self.info.task == "semantic"
+        self.diagnostic_gt = diagnostic_gt and (not labeled or weak is not None) and self.info.task == "semantic"
         self.transform = transform
         self.seed = seed
         self.epoch = 0

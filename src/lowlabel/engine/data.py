@@ -73,7 +73,8 @@ def build_sets(cfg: DataConfig, n_strong: int, seed: int, need_unlabeled: bool, 
     labeled_ids, unlabeled_ids = resolve_split(cfg)
     lab = FolderDataset(cfg.root, labeled_ids, labeled=True, weak=cfg.weak, seed=seed,
                         transform=LabeledTransform(cfg.crop, tuple(cfg.scale), cfg.base_size, cfg.resize, cfg.rotate, n_strong=labeled_strong),
-                        confidence=cfg.weak_confidence, min_confidence=cfg.min_confidence, bands=cfg.bands, value_range=cfg.value_range, coords=coords)
+                        confidence=cfg.weak_confidence, min_confidence=cfg.min_confidence, bands=cfg.bands, value_range=cfg.value_range, coords=coords,
+                        diagnostic_gt=cfg.unlabeled_gt)
     missing = [i for i in labeled_ids if not lab.label_file(i)[1].is_file()]
     if missing:
         folder = lab.label_file(missing[0])[1].parent

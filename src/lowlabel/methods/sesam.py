@@ -204,6 +204,12 @@ class SeSAM(Method):
             "bank_images": len(self.bank),
             "refreshed": refreshed,
         }
+        if "gt" in labeled:  # diagnostics only (data.unlabeled_gt): the dense masks never reach a loss
+            gt = labeled["gt"]
+            for name, m, lab in (("acc_sam", sam_only != IGNORE_INDEX, sam_only), ("acc_pseudo", keep, pseudo)):
+                m = m & valid & (gt != IGNORE_INDEX)
+                if m.any():
+                    metrics[name] = float((lab[m] == gt[m]).float().mean())
         return StepOutput(
             {"loss": sum(terms.values()), "loss_coarse": loss_coarse.detach(), "loss_sam": loss_sam.detach(), "loss_pseudo": loss_pseudo.detach()},
             metrics, terms,
