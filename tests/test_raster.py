@@ -188,3 +188,59 @@ def test_training_on_selected_bands_of_16_bit_rasters(tmp_path, rgb):
     with pytest.raises(ValueError, match="1 or 3 band"):
         load_config(raw={**raw, "data": {**raw["data"], "bands": [1, 2, 3, 4]}})
     assert json.loads((tmp_path / "runs" / raw["name"] / "run.json").read_text())["dataset"] == "png"
+
+
+def test_training_reads_a_window_of_each_raster_not_the_whole(tmp_path, rgb, monkeypatch):
+    """data.window: a training sample of a GeoTIFF mosaic reads one window of ceil(crop / scale_min)
+    pixels (image through rasterio, label map through GDAL), equal to the same crop of the full
+    read; the random rescale + crop then runs on that window. A mask of another size is named."""
+    import json
+
+    from lowlabel.api import fit
+    from lowlabel.config import load_config
+    from lowlabel.data.dataset import FolderDataset, read_label, write_label
+    from lowlabel.engine.data import build_sets
+
+    from .conftest import tiny_config
+
+    root = tmp_path / "mosaic"
+    for d in ("images", "masks", "splits"):
+        (root / d).mkdir(parents=True)
+    mosaic = np.concatenate([np.concatenate([rgb, rgb[:, ::-1]], 2)] * 2, 1)  # 2 x 2 tiles
+    mask = (mosaic[0] > mosaic[1]).astype(np.uint8) + (mosaic[2] > 150)
+    for i in range(4):
+        _geotiff(root / "images" / f"m{i}.tif", np.roll(mosaic, 97 * i, axis=2))
+        write_label(root / "masks" / f"m{i}.png", np.roll(mask, 97 * i, axis=1), [[0, 0, 0], [255, 0, 0], [0, 255, 0]])
+    (root / "dataset.json").write_text(json.dumps({"name": "mosaic", "classes": ["a", "b", "c"]}))
+    for split, ids in (("train", "m0\nm1\nm2\n"), ("val", "m3\n"), ("test", "m3\n")):
+        (root / "splits" / f"{split}.txt").write_text(ids)
+    H, W = mosaic.shape[1:]
+
+    ds = FolderDataset(root, "train", window=64)
+    whole = ds.load(1)
+    for win in ((0, 0, 64, 64), (H - 64, W - 64, 64, 64), (101, 37, 64, 64)):
+        part = ds.load(1, win)
+        y, x, h, w = win
+        assert np.array_equal(part["image"], whole["image"][y:y + h, x:x + w])
+        assert np.array_equal(part["mask"], whole["mask"][y:y + h, x:x + w])
+
+    reads = []
+    real = RasterReader.read
+    monkeypatch.setattr(RasterReader, "read", lambda self, y, x, h, w: reads.append((h, w)) or real(self, y, x, h, w))
+    raw = tiny_config(root, tmp_path / "runs", "supervised", "none", iterations=2, data={"window": True, "crop": 32, "scale": [0.5, 2.0]})
+    lab, _ = build_sets(load_config(raw=raw).data, 0, 0, False)
+    s = lab[0]
+    assert reads == [(64, 64)] and s["image"].shape[-2:] == (32, 32)  # one 64 x 64 window (32 / 0.5), never the 2 x 2 mosaic
+    reads.clear()
+    fit(load_config(raw=raw), progress=False)
+    train_reads = [r for r in reads if r == (64, 64)]
+    assert len(train_reads) >= 2 * raw["data"]["labeled_batch"] and all(r in ((64, 64), (H, W)) for r in reads)  # evaluation reads whole tiles
+
+    write_label(root / "masks" / "m0.png", mask[:-1], [[0, 0, 0], [255, 0, 0], [0, 255, 0]])
+    with pytest.raises(DatasetError, match="does not match its image"):
+        ds.load(0, (0, 0, 64, 64))
+    assert read_label(root / "masks" / "m1.png").shape == (H, W)
+    from lowlabel.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="data.window"):
+        build_sets(load_config(raw={**raw, "data": {**raw["data"], "resize": True}}).data, 0, 0, False)

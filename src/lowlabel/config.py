@@ -38,6 +38,7 @@ class DataConfig(_Strict):
     bands: list[int] | None = Field(None, description="1-based raster bands in the order the network sees them, e.g. [3, 2, 1] (read by rasterio, the geo extra); None: the image as PIL reads it, in RGB")
     value_range: tuple[float, float] | None = Field(None, description="with bands: the (low, high) raw values mapped to 0..255 for 16-bit / float rasters; None: each image's 2-98 percentiles")
     crop: int = 256
+    window: bool = Field(False, description="read each training image through a random window of ceil(crop / scale[0]) pixels (the largest extent one crop can cover) instead of decoding it whole: rasters (GeoTIFF, COG, JPEG 2000, VRT) read only that window; for huge images. Not with resize or base_size")
     scale: tuple[float, float] = (0.5, 2.0)  # UniMatch: random rescale ratio range
     base_size: int | None = Field(None, description="long side before rescale; None keeps the image size")
     resize: bool = Field(False, description="resize each image whole to crop x crop instead of rescale + crop (UniMatch's medical recipe)")

@@ -168,6 +168,51 @@ def read_image(path: str | os.PathLike, bands: Sequence[int] | None = None, valu
     return np.asarray(img.convert("RGB"))
 
 
+def _windowed(path: Path) -> bool:
+    """Whether a window of this image can be read without decoding the rest (a TIFF, with
+    rasterio installed)."""
+    if path.suffix.lower() not in (".tif", ".tiff"):
+        return False
+    from .raster import have_rasterio
+
+    return have_rasterio()
+
+
+def read_label_window(path: str | os.PathLike, window: tuple[int, int, int, int], *, sixteen_bit: bool = False, size: tuple[int, int] | None = None) -> np.ndarray:
+    """The (y0, x0, h, w) window of a label map. GDAL (rasterio) decodes a PNG row by row and
+    keeps only the window's rows, so memory stays a window's; without rasterio the map is read
+    whole and cropped. ``size``: the (height, width) the map must have (its image's)."""
+    from .raster import have_rasterio
+
+    y0, x0, h, w = window
+    if not have_rasterio():
+        arr = read_label(path, sixteen_bit=sixteen_bit)
+        if size is not None and arr.shape != tuple(size):
+            raise DatasetError(path, f"size {arr.shape[1]}x{arr.shape[0]} does not match its image ({size[1]}x{size[0]})")
+        return arr[y0:y0 + h, x0:x0 + w]
+    import warnings
+
+    import rasterio
+    from rasterio.errors import NotGeoreferencedWarning, RasterioError
+    from rasterio.windows import Window
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            with rasterio.open(path) as ds:
+                if ds.count != 1:
+                    raise DatasetError(path, f"label maps must be single-channel index images, got {ds.count} bands")
+                if size is not None and (ds.height, ds.width) != tuple(size):
+                    raise DatasetError(path, f"size {ds.width}x{ds.height} does not match its image ({size[1]}x{size[0]})")
+                win = Window(x0, y0, min(w, ds.width - x0), min(h, ds.height - y0))
+                arr = ds.read(1, window=win)
+    except RasterioError as err:
+        if not Path(path).exists():
+            raise DatasetError(path, "file not found") from None
+        raise DatasetError(path, f"unreadable or truncated label map ({str(err).splitlines()[0][:160]})") from None
+    return arr if sixteen_bit else arr.astype(np.uint8, copy=False)
+
+
 def read_label(path: str | os.PathLike, *, sixteen_bit: bool = False) -> np.ndarray:
     """A label map (mask, scribble or instance ids) as an integer array [H, W]."""
     img = _open(Path(path))
@@ -247,6 +292,11 @@ class FolderDataset(torch.utils.data.Dataset):
         bands, value_range: read images as rasters (see :func:`read_image`).
         coords: add ``src_y`` / ``src_x``, each pixel's row and column, which the augmentations
             move with the pixels (a method maps per-image maps of the original frame with them).
+        window: read each sample through a random square window of this side (clipped to the
+            image; drawn from ``(seed, epoch, index)``) instead of decoding the image whole, before
+            ``transform``. TIFFs are read by rasterio (when installed) and label maps by GDAL, one
+            window each, so a gigapixel mosaic costs a window's memory; other formats are decoded
+            whole and cropped. ``src_y`` / ``src_x`` stay in the whole image's frame.
         diagnostic_gt: for unlabeled and weakly labeled samples, load the dense mask (when the
             file exists) into ``sample["gt"]`` — used only to *measure* pseudo-label (and SAM-label)
             accuracy, never in a loss.
@@ -271,6 +321,7 @@ class FolderDataset(torch.utils.data.Dataset):
         bands: Sequence[int] | None = None,
         value_range: tuple[float, float] | None = None,
         coords: bool = False,
+        window: int | None = None,
     ):
         self.info = info or DatasetInfo.load(root)
         self.root = Path(root)
@@ -284,6 +335,8 @@ class FolderDataset(torch.utils.data.Dataset):
         self.confidence, self.min_confidence = confidence, min_confidence
         self.bands, self.value_range = bands, value_range
         self.coords = coords
+        self.window = window
+        self._ranges: dict[Path, tuple[float, float] | None] = {}  # a raster's value range, computed once
         self.confidence_folder = None
         if confidence != "none" and labeled:
             folder = self.info.weak_confidence.get(weak) if weak else None
@@ -326,19 +379,51 @@ class FolderDataset(torch.utils.data.Dataset):
             return ("instances", self.root / "instances" / f"{sid}.png", True)
         return ("mask", self.root / "masks" / f"{sid}.png", False)
 
-    def load(self, index: int) -> dict:
-        """The untransformed sample: uint8 image [H,W,3] and integer label maps [H,W] as numpy."""
+    def image_size(self, sid: str) -> tuple[int, int]:
+        """(height, width) of an image, without decoding its pixels."""
+        path = self._images[sid]
+        if _windowed(path):
+            import rasterio
+
+            with rasterio.open(path) as ds:
+                return ds.height, ds.width
+        Image.MAX_IMAGE_PIXELS = _MAX_PIXELS
+        try:
+            with Image.open(path) as img:
+                return img.height, img.width
+        except (UnidentifiedImageError, OSError) as err:
+            raise DatasetError(path, f"unreadable image ({err})") from None
+
+    def _read_image(self, path: Path, window: tuple[int, int, int, int] | None) -> np.ndarray:
+        if window is None:
+            return read_image(path, self.bands, self.value_range)
+        y0, x0, h, w = window
+        if not _windowed(path):
+            return read_image(path, self.bands, self.value_range)[y0:y0 + h, x0:x0 + w]
+        from .raster import RasterReader
+
+        r = RasterReader(path, self.bands, self.value_range or self._ranges.get(path))
+        try:
+            self._ranges[path] = r.value_range
+            return r.read(y0, x0, h, w)
+        finally:
+            r.close()
+
+    def load(self, index: int, window: tuple[int, int, int, int] | None = None) -> dict:
+        """The untransformed sample: uint8 image [H,W,3] and integer label maps [H,W] as numpy;
+        with ``window`` = (y0, x0, h, w), that window of each."""
         sid = self.ids[index]
         ipath = self._images[sid]
-        sample: dict = {"id": sid, "image": read_image(ipath, self.bands, self.value_range)}
+        sample: dict = {"id": sid, "image": self._read_image(ipath, window)}
         h, w = sample["image"].shape[:2]
+        full = None if window is None else self.image_size(sid)
         labels: list[tuple[str, Path, bool]] = []
         if self.labeled:
             labels.append(self.label_file(sid))
         if self.diagnostic_gt and (self.root / "masks" / f"{sid}.png").exists():
             labels.append(("gt", self.root / "masks" / f"{sid}.png", False))
         for key, path, sixteen in labels:
-            arr = read_label(path, sixteen_bit=sixteen)
+            arr = read_label(path, sixteen_bit=sixteen) if window is None else read_label_window(path, window, sixteen_bit=sixteen, size=full)
             if arr.shape != (h, w):
                 raise DatasetError(path, f"size {arr.shape[1]}x{arr.shape[0]} does not match image {ipath.name} ({w}x{h})")
             if not sixteen:
@@ -346,7 +431,7 @@ class FolderDataset(torch.utils.data.Dataset):
             sample[key] = arr
         if self.confidence_folder is not None:
             cpath = self.confidence_folder / f"{sid}.png"
-            conf = read_label(cpath)
+            conf = read_label(cpath) if window is None else read_label_window(cpath, window, size=full)
             if conf.shape != (h, w):
                 raise DatasetError(cpath, f"size {conf.shape[1]}x{conf.shape[0]} does not match image {ipath.name} ({w}x{h})")
             if self.confidence == "weight":
@@ -355,6 +440,9 @@ class FolderDataset(torch.utils.data.Dataset):
                 sample["mask"] = np.where(conf < round(self.min_confidence * 255), IGNORE_INDEX, sample["mask"]).astype(np.uint8)
         if self.coords:
             sample["src_y"], sample["src_x"] = np.indices((h, w), dtype=np.int32)
+            if window is not None:
+                sample["src_y"] += window[0]
+                sample["src_x"] += window[1]
         if self.info.task == "instance" and "instances" in sample:
             sample["mask"] = (sample["instances"] > 0).astype(np.uint8)
         return sample
@@ -363,7 +451,13 @@ class FolderDataset(torch.utils.data.Dataset):
         """``dataset[i]`` or ``dataset[(i, epoch)]`` (the engine's samplers pass the epoch with
         the index, so augmentation stays seeded correctly inside persistent loader workers)."""
         index, epoch = key if isinstance(key, tuple) else (key, self.epoch)
-        sample = to_tensors(self.load(index))
+        window = None
+        if self.window:
+            H, W = self.image_size(self.ids[index])
+            h, w = min(self.window, H), min(self.window, W)
+            wrng = np.random.default_rng([self.seed, epoch, index, 1])  # apart from the transform's stream
+            window = (int(wrng.integers(0, H - h + 1)), int(wrng.integers(0, W - w + 1)), h, w)
+        sample = to_tensors(self.load(index, window))
         if self.transform is not None:
             rng = np.random.default_rng([self.seed, epoch, index])
             sample = self.transform(sample, rng)

@@ -10,6 +10,7 @@ opens an iterator mid-epoch) would shift the global stream that dropout and the 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Iterator
 
@@ -69,12 +70,24 @@ def _splits_holding(root: Path, ids: list[str], exclude: str) -> str:
     return ", ".join(names)
 
 
+def _window(cfg: DataConfig) -> int | None:
+    """The side of the random source window each training sample reads (``data.window``): the
+    largest extent one crop can cover after the random rescale."""
+    if not cfg.window:
+        return None
+    if cfg.resize or cfg.base_size:
+        from ..errors import ConfigError
+
+        raise ConfigError("data.window reads a window of each image, but data.resize / data.base_size need the whole image: set one or the other")
+    return math.ceil(cfg.crop / min(cfg.scale))
+
+
 def build_sets(cfg: DataConfig, n_strong: int, seed: int, need_unlabeled: bool, *, labeled_strong: int = 0, coords: bool = False):
     labeled_ids, unlabeled_ids = resolve_split(cfg)
     lab = FolderDataset(cfg.root, labeled_ids, labeled=True, weak=cfg.weak, seed=seed,
                         transform=LabeledTransform(cfg.crop, tuple(cfg.scale), cfg.base_size, cfg.resize, cfg.rotate, n_strong=labeled_strong),
                         confidence=cfg.weak_confidence, min_confidence=cfg.min_confidence, bands=cfg.bands, value_range=cfg.value_range, coords=coords,
-                        diagnostic_gt=cfg.unlabeled_gt)
+                        diagnostic_gt=cfg.unlabeled_gt, window=_window(cfg))
     missing = [i for i in labeled_ids if not lab.label_file(i)[1].is_file()]
     if missing:
         folder = lab.label_file(missing[0])[1].parent
@@ -87,7 +100,7 @@ def build_sets(cfg: DataConfig, n_strong: int, seed: int, need_unlabeled: bool, 
         unl = FolderDataset(
             cfg.root, unlabeled_ids, labeled=False, info=lab.info,
             transform=UnlabeledTransform(cfg.crop, tuple(cfg.scale), cfg.base_size, n_strong=n_strong, resize=cfg.resize, rotate=cfg.rotate), seed=seed + 1,
-            diagnostic_gt=cfg.unlabeled_gt, bands=cfg.bands, value_range=cfg.value_range,
+            diagnostic_gt=cfg.unlabeled_gt, bands=cfg.bands, value_range=cfg.value_range, window=_window(cfg),
         )
     return lab, unl
 
