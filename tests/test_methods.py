@@ -96,3 +96,21 @@ def test_method_params_are_validated():
         build_method("unimatch", {"threshhold": 0.9}, num_classes=2)
     with pytest.raises(ValueError, match="unknown method"):
         build_method("magic", {}, num_classes=2)
+
+
+def test_pseudo_label_class_mean_iou_is_not_carried_by_background():
+    """95 % background: labels without any foreground score 95 % pixel accuracy but a class-mean
+    IoU of 47.5 % (background 0.95, foreground 0)."""
+    from lowlabel.methods.base import pseudo_label_metrics
+
+    gt = torch.zeros(1, 20, 20, dtype=torch.long)
+    gt[0, :2, :10] = 1  # 20 of 400 pixels
+    gt[0, 19, 19] = 255  # ignored
+    none = torch.zeros_like(gt)
+    conf = torch.ones(1, 20, 20)
+    valid = torch.ones(1, 20, 20, dtype=torch.bool)
+    m = pseudo_label_metrics(none, conf, valid, 0.5, gt)
+    assert abs(m["acc_all"] - 379 / 399) < 1e-6 and abs(m["miou_all"] - (379 / 399) / 2) < 1e-6
+    m = pseudo_label_metrics(gt.clamp(max=1), conf, valid, 0.5, gt)
+    assert m["miou_all"] == 1.0 and m["miou_threshold"] == 1.0
+    assert "miou_all" not in pseudo_label_metrics(none, conf, valid, 0.5, None)

@@ -100,8 +100,9 @@ def git_commit() -> str | None:
 
 def is_pseudo_key(key: str) -> bool:
     """Training metrics that describe the pseudo-labels: their accuracy against the diagnostic
-    masks of the unlabeled images (``acc_*``) and the share of pixels a rule keeps (``*_ratio``)."""
-    return key.startswith("acc_") or key.endswith("_ratio")
+    masks of the unlabeled images (``acc_*``, class-mean IoU ``miou_*``) and the share of pixels a
+    rule keeps (``*_ratio``)."""
+    return key.startswith(("acc_", "miou_")) or key.endswith("_ratio")
 
 
 def step_seconds(records: list[dict]) -> float | None:
