@@ -236,6 +236,12 @@ def test_training_reads_a_window_of_each_raster_not_the_whole(tmp_path, rgb, mon
     train_reads = [r for r in reads if r == (64, 64)]
     assert len(train_reads) >= 2 * raw["data"]["labeled_batch"] and all(r in ((64, 64), (H, W)) for r in reads)  # evaluation reads whole tiles
 
+    nod = np.roll(mosaic, 97 * 2, axis=2).copy()
+    nod[:, :40, :60] = 0
+    _geotiff(root / "images" / "m2.tif", nod, nodata=0)  # a nodata corner: its pixels carry no label
+    got = ds.load(2, (0, 0, 64, 64))["mask"]
+    assert (got[:40, :60] == 255).all() and np.array_equal(got[40:], np.roll(mask, 97 * 2, axis=1)[40:64, :64])
+
     write_label(root / "masks" / "m0.png", mask[:-1], [[0, 0, 0], [255, 0, 0], [0, 255, 0]])
     with pytest.raises(DatasetError, match="does not match its image"):
         ds.load(0, (0, 0, 64, 64))

@@ -394,18 +394,18 @@ class FolderDataset(torch.utils.data.Dataset):
         except (UnidentifiedImageError, OSError) as err:
             raise DatasetError(path, f"unreadable image ({err})") from None
 
-    def _read_image(self, path: Path, window: tuple[int, int, int, int] | None) -> np.ndarray:
-        if window is None:
-            return read_image(path, self.bands, self.value_range)
-        y0, x0, h, w = window
-        if not _windowed(path):
-            return read_image(path, self.bands, self.value_range)[y0:y0 + h, x0:x0 + w]
+    def _read_image(self, path: Path, window: tuple[int, int, int, int] | None) -> tuple[np.ndarray, np.ndarray | None]:
+        """(image, valid): ``valid`` is False on a raster's nodata pixels (None: all valid)."""
+        if not (_windowed(path) and (window is not None or self.bands is not None)):
+            img = read_image(path, self.bands, self.value_range)
+            return (img if window is None else img[window[0]:window[0] + window[2], window[1]:window[1] + window[3]]), None
         from .raster import RasterReader
 
         r = RasterReader(path, self.bands, self.value_range or self._ranges.get(path))
         try:
             self._ranges[path] = r.value_range
-            return r.read(y0, x0, h, w)
+            y0, x0, h, w = window or (0, 0, r.height, r.width)
+            return r.read(y0, x0, h, w), (r.valid(y0, x0, h, w) if r.has_nodata else None)
         finally:
             r.close()
 
@@ -414,7 +414,8 @@ class FolderDataset(torch.utils.data.Dataset):
         with ``window`` = (y0, x0, h, w), that window of each."""
         sid = self.ids[index]
         ipath = self._images[sid]
-        sample: dict = {"id": sid, "image": self._read_image(ipath, window)}
+        sample: dict = {"id": sid}
+        sample["image"], valid = self._read_image(ipath, window)
         h, w = sample["image"].shape[:2]
         full = None if window is None else self.image_size(sid)
         labels: list[tuple[str, Path, bool]] = []
@@ -428,6 +429,8 @@ class FolderDataset(torch.utils.data.Dataset):
                 raise DatasetError(path, f"size {arr.shape[1]}x{arr.shape[0]} does not match image {ipath.name} ({w}x{h})")
             if not sixteen:
                 check_class_range(arr, self.info.num_classes, path)
+            if valid is not None and not sixteen:
+                arr = np.where(valid, arr, IGNORE_INDEX).astype(arr.dtype)  # nodata pixels carry no label
             sample[key] = arr
         if self.confidence_folder is not None:
             cpath = self.confidence_folder / f"{sid}.png"
