@@ -87,6 +87,7 @@ class ModelConfig(_Strict):
     pretrained: str | None = Field(None, description="local weights file (never downloaded)")
     width: int = Field(16, ge=1)  # only for the own archs: 'tiny' and 'unet2d' (first level's channels)
     in_channels: Literal[1, 3] = Field(3, description="3: RGB; 1: grey data (the network sees the mean of the channels)")
+    options: dict[str, Any] = Field(default_factory=dict, description="the architecture's own settings (arch ssr-sam: lowlabel.models.ssr_sam.SSRSAMOptions)")
 
 
 class MethodConfig(_Strict):

@@ -56,7 +56,8 @@ class Run:
                 raise FileNotFoundError(f"{path}: no checkpoints/best.pt or last.pt in this run directory")
         state = read_checkpoint(path)
         spec = state["model_spec"]
-        model = build_model(spec["arch"], spec["encoder"], spec["num_classes"], width=spec.get("width", 16), in_channels=spec.get("in_channels", 3))
+        model = build_model(spec["arch"], spec["encoder"], spec["num_classes"], width=spec.get("width", 16), in_channels=spec.get("in_channels", 3),
+                            options=spec.get("options"))
         if "weights" in state:
             weights = state["weights"]
         elif state.get("evaluated") == "teacher" and state.get("teacher"):

@@ -74,7 +74,9 @@ def read_checkpoint(path: str | Path) -> dict:
 
 
 def model_spec(cfg: Config, num_classes: int) -> dict:
-    return {"arch": cfg.model.arch, "encoder": cfg.model.encoder, "width": cfg.model.width, "in_channels": cfg.model.in_channels, "num_classes": num_classes}
+    return {"arch": cfg.model.arch, "encoder": cfg.model.encoder, "width": cfg.model.width, "in_channels": cfg.model.in_channels, "num_classes": num_classes,
+            # the architecture's settings, less the weight files it loaded (the checkpoint holds those weights)
+            **({"options": {k: v for k, v in cfg.model.options.items() if k != "mspg_weights"}} if cfg.model.options else {})}
 
 
 def dist_info() -> tuple[int, int]:
@@ -210,7 +212,11 @@ class Trainer:
         self.total = cfg.train.iterations or cfg.train.epochs * self.iters_per_epoch
         self.total_epochs = math.ceil(self.total / self.iters_per_epoch)
 
-        self.student = build_model(cfg.model.arch, cfg.model.encoder, self.num_classes, cfg.model.pretrained, cfg.model.width, cfg.model.in_channels).to(self.device)
+        self.student = build_model(cfg.model.arch, cfg.model.encoder, self.num_classes, cfg.model.pretrained, cfg.model.width, cfg.model.in_channels, cfg.model.options).to(self.device)
+        side = getattr(self.student, "img_size", None)  # a fixed-size encoder (SSR-SAM's): crops and eval tiles must fit it
+        for key, value in (("data.crop", cfg.data.crop), ("eval.tile", cfg.eval.tile)):
+            if side and value > side:
+                raise ConfigError(f"{key}={value} exceeds the {cfg.model.arch} encoder's input side {side} (model.options.img_size): set {key} <= {side}")
         self.method = build_method(cfg.method.name, cfg.method.params, num_classes=self.num_classes, model=self.student, task=self.task).to(self.device)
         kind = cfg.teacher.kind
         self.teacher = Teacher(kind, self.student, cfg.teacher.decay)

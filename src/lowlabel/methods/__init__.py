@@ -8,6 +8,7 @@ from .fixmatch import FixMatch
 from .instance import S4M, InstanceSupervised
 from .regionmatch import RegionMatch
 from .sesam import SeSAM
+from .ssr_sam import SSRSAMLabeledOnly, SSRSAMMethod
 from .supervised import PartialCE, Supervised
 from .unimatch import UniMatch
 
@@ -19,6 +20,8 @@ METHODS: dict[str, type[Method]] = {
     "regionmatch": RegionMatch,
     "derprop": DerProp,
     "sesam": SeSAM,
+    "ssr_sam": SSRSAMMethod,
+    "ssr_sam_labeled": SSRSAMLabeledOnly,
 }
 
 # the instance task's methods (instance datasets, model.arch maskrcnn)

@@ -250,6 +250,7 @@ def build_model(
     pretrained: str | os.PathLike | None = None,
     width: int = 16,
     in_channels: int = 3,
+    options: dict | None = None,
 ) -> Segmenter:
     """Build a :class:`Segmenter`.
 
@@ -257,7 +258,9 @@ def build_model(
         arch: ``deeplabv3plus``, ``unet``, ``segformer``, ``fpn`` (segmentation_models_pytorch),
             ``unet2d`` (the small from-scratch 2D UNet of the medical benchmarks; ``width`` sets
             its first level's channels) or ``tiny`` (a small from-scratch network for tests).
-            ``maskrcnn`` is the instance model (:mod:`lowlabel.models.instance`) of instance datasets.
+            ``maskrcnn`` is the instance model (:mod:`lowlabel.models.instance`) of instance datasets;
+            ``ssr-sam`` SSR-SAM's retrieval model (:mod:`lowlabel.models.ssr_sam`; ``encoder``: vit_b,
+            vit_l, vit_h, vit_t or scratch; ``options``: :class:`~lowlabel.models.ssr_sam.SSRSAMOptions`).
         encoder: any smp encoder name (tested: resnet18/50/101, mobilenet_v2, mit_b0); ignored by
             ``unet2d`` and ``tiny``; resnet18/34/50 for ``maskrcnn``.
         in_channels: 3 (RGB) or 1 (grey: the network sees the mean of the image's channels).
@@ -266,8 +269,14 @@ def build_model(
     """
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if options and arch != "ssr-sam":
+        raise ValueError(f"model.options are settings of arch ssr-sam; {arch} has none")
     if arch in INSTANCE_ARCHS:
         model = build_instance_model(arch, encoder, num_classes, in_channels)
+    elif arch == "ssr-sam":
+        from .ssr_sam import SSRSAM
+
+        model = SSRSAM(num_classes, encoder, in_channels, options)
     elif arch == "tiny":
         model: Segmenter = TinySegmenter(num_classes, width, in_channels)
     elif arch == "unet2d":
@@ -278,7 +287,7 @@ def build_model(
         except (KeyError, ValueError) as err:
             raise ValueError(f"unknown or unsupported encoder {encoder!r} for {arch}: {err}") from None
     else:
-        raise ValueError(f"unknown model arch {arch!r}; choose from {sorted(SMP_ARCHS) + list(OWN_ARCHS) + list(INSTANCE_ARCHS)}")
+        raise ValueError(f"unknown model arch {arch!r}; choose from {sorted(SMP_ARCHS) + list(OWN_ARCHS) + list(INSTANCE_ARCHS) + ['ssr-sam']}")
     if pretrained:
         load_pretrained(model, pretrained)
     return model
@@ -295,6 +304,12 @@ def load_pretrained(model: Segmenter, path: str | os.PathLike) -> None:
             state = state[key]
     if not isinstance(state, dict):
         raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
+    if hasattr(model, "load_weights"):  # SSR-SAM: official SAM checkpoints by their own layout
+        try:
+            model.load_weights(state)
+        except RuntimeError as err:
+            raise ValueError(f"{path}: weights do not fit ssr-sam/{model.encoder_name}: {str(err).splitlines()[0][:200]}") from None
+        return
     for target in (model, getattr(model, "net", None), model.encoder, getattr(model.encoder, "model", None)):
         if target is None:
             continue

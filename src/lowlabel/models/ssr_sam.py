@@ -1,0 +1,290 @@
+"""SSR-SAM's retrieval model (``../shared/papers/ssr-sam.md``, sec. "Method", eqs. 1-5): SAM's
+image encoder g, a mask-induced semantic prompt generator (MSPG), a bank of visual-semantic
+prompts per class, prompt compression, and SAM's mask decoder h decoding one mask per class.
+
+    feats  = net.encode(images)                       # [g(x)]: SAM image embeddings [B, 256, h, w]
+    logits = net.decode(feats, out_size)              # every class decoded with the whole bank
+    logits = net.decode(feats, out_size, prompts)     # ... with these per-class prompt sets
+    tokens, classes = net.prompts_from(images, masks) # MSPG: [CLS] of x ⊙ m_c, one per (image, class)
+    net.bank.add(tokens, classes); sample_prompts(net.bank.all(), k)   # the prompt bank
+
+The parts, as the paper has them, and where lowlabel decides what it leaves open (each stated):
+
+- **g**: SAM's ViT image encoder (``encoder``: ``vit_b`` / ``vit_l`` / ``vit_h`` built by
+  ``segment_anything``, ``vit_t`` = MobileSAM's TinyViT from :mod:`lowlabel.sam.mobilesam`), frozen
+  as in the paper; ``scratch`` is a small SAM-style ViT (embed 192, depth 4, 3 heads, windowed
+  attention with two global blocks) at the crop size, trainable, for measuring the method from
+  scratch where no SAM weights exist. Inputs smaller than the encoder's size are zero-padded at the
+  bottom/right (the reference code pads 512² pathology patches to 1024²) and the logits cropped.
+- **MSPG** (eqs. 1-2): each class c present in a labeled image gives x ⊙ m_c (the normalised image,
+  zero outside the class), resized to the ViT's input size, and the ViT's [CLS] output is the
+  prompt s_c. ``mspg``: ``vit_b_16`` (torchvision's ViT-B/16 at 224², frozen unless trained; a
+  local checkpoint through ``model.pretrained``) or ``tiny`` (a 4-layer, 192-wide ViT at 64², for
+  from-scratch runs). Classes covering fewer than ``min_prompt_pixels`` pixels of an image give no
+  prompt (a stated choice: a few stray pixels make no semantic prompt).
+- **Prompt bank**: the prompts of the labeled data per class, a FIFO of ``bank_size`` per class
+  (the paper keeps "arbitrary" numbers per class and no update rule: with a frozen MSPG a bank
+  filled once is the paper's; with a trained MSPG the FIFO keeps the newest prompts). Buffers, so
+  a checkpoint carries its bank and ``predict`` decodes with it.
+- **Prompt compression** (eqs. 3-4): prompts are first projected to the decoder's width (256; the
+  paper's W_k, W_v are d x d and leave this projection implicit), then per class
+  s_c^com = softmax(q_c K_c^T / sqrt(d)) V_c with one learnable query q_c (``queries``; the
+  reference code uses 8 queries and 8 heads: ``queries: 8`` gives that many tokens, one head as
+  eq. 4). A class without any prompt is not decodable: its logits are a large negative constant,
+  so it is never predicted (no labeled pixel of it exists either).
+- **Decoding** (eq. 5): SAM's mask decoder (two-way transformer) takes the compressed tokens of a
+  class as sparse prompt embeddings, SAM's no-mask dense embedding and positional encoding, and
+  returns one mask logit map per class (single-mask output); the C maps, stacked, are the class
+  logits (softmax over classes, cross-entropy, as the paper's losses imply). One decoder pass per
+  class and image, as the reference code.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+NOT_DECODABLE = -1e4  # the logits of a class without prompts
+
+
+class SSRSAMOptions(BaseModel):
+    """``model.options`` of ``arch: ssr-sam``."""
+
+    model_config = ConfigDict(extra="forbid")
+    mspg: Literal["vit_b_16", "tiny"] = "vit_b_16"
+    train_encoder: bool = False  # the paper freezes g; true for from-scratch runs
+    train_mspg: bool = False  # the paper's MSPG is a pre-trained ViT, not in its trainable list
+    img_size: int | None = Field(None, ge=32)  # g's input side; default 1024 for SAM, the crop for scratch
+    queries: int = Field(1, ge=1)  # learnable queries per class (eq. 4: one; the reference code: 8)
+    bank_size: int = Field(64, ge=1)  # prompts kept per class
+    min_prompt_pixels: int = Field(16, ge=1)  # a class covering fewer pixels of an image gives no prompt
+    mspg_weights: str | None = None  # a local torchvision ViT-B/16 state dict (e.g. ImageNet's vit_b_16) for the MSPG
+
+
+def _scratch_encoder(img_size: int):
+    from segment_anything.modeling import ImageEncoderViT
+
+    return ImageEncoderViT(img_size=img_size, patch_size=16, embed_dim=192, depth=4, num_heads=3, mlp_ratio=4.0, out_chans=256,
+                           qkv_bias=True, use_rel_pos=True, window_size=max(1, min(14, img_size // 16)), global_attn_indexes=(1, 3),
+                           norm_layer=lambda d: nn.LayerNorm(d, eps=1e-6))
+
+
+def build_sam_encoder(name: str, img_size: int | None):
+    """(image encoder, its input side) of a SAM variant, randomly initialised (weights come from
+    ``model.pretrained``)."""
+    if name == "scratch":
+        side = img_size or 256
+        if side % 16:
+            raise ValueError(f"model.options.img_size must be a multiple of 16 for the scratch encoder, got {side}")
+        return _scratch_encoder(side), side
+    if name == "vit_t":
+        from ..sam.mobilesam import build_mobile_sam
+
+        return build_mobile_sam().image_encoder, 1024
+    if name in ("vit_b", "vit_l", "vit_h"):
+        from segment_anything import sam_model_registry
+
+        return sam_model_registry[name]().image_encoder, 1024
+    raise ValueError(f"unknown SSR-SAM encoder {name!r}; choose from vit_b, vit_l, vit_h, vit_t (MobileSAM), scratch")
+
+
+class MSPG(nn.Module):
+    """Mask-induced semantic prompt generator (eqs. 1-2): the [CLS] token of a ViT over the image
+    masked to one class."""
+
+    def __init__(self, kind: str = "vit_b_16"):
+        super().__init__()
+        from torchvision.models.vision_transformer import VisionTransformer
+
+        if kind == "vit_b_16":
+            self.vit = VisionTransformer(image_size=224, patch_size=16, num_layers=12, num_heads=12, hidden_dim=768, mlp_dim=3072)
+        elif kind == "tiny":
+            self.vit = VisionTransformer(image_size=64, patch_size=8, num_layers=4, num_heads=3, hidden_dim=192, mlp_dim=768)
+        else:
+            raise ValueError(f"unknown MSPG ViT {kind!r}; choose from vit_b_16, tiny")
+        self.vit.heads = nn.Identity()
+        self.size, self.dim = self.vit.image_size, self.vit.hidden_dim
+
+    def forward(self, masked: torch.Tensor) -> torch.Tensor:
+        """masked: normalised images x ⊙ m_c [N, 3, H, W] -> prompts [N, dim]."""
+        if masked.shape[-2:] != (self.size, self.size):
+            masked = F.interpolate(masked, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        return self.vit(masked)  # torchvision's forward: encoder output's [CLS] token through heads (Identity)
+
+
+class PromptBank(nn.Module):
+    """Prompts per class, a FIFO of ``size`` each (buffers: saved with the model)."""
+
+    def __init__(self, num_classes: int, dim: int, size: int):
+        super().__init__()
+        self.register_buffer("tokens", torch.zeros(num_classes, size, dim))
+        self.register_buffer("count", torch.zeros(num_classes, dtype=torch.long))  # valid entries
+        self.register_buffer("head", torch.zeros(num_classes, dtype=torch.long))  # next slot to write
+
+    @torch.no_grad()
+    def add(self, tokens: torch.Tensor, classes: torch.Tensor) -> None:
+        size = self.tokens.shape[1]
+        for t, c in zip(tokens.detach().to(self.tokens.dtype), classes.tolist()):
+            self.tokens[c, self.head[c]] = t
+            self.head[c] = (self.head[c] + 1) % size
+            self.count[c] = torch.clamp(self.count[c] + 1, max=size)
+
+    def get(self, c: int) -> torch.Tensor:
+        return self.tokens[c, : int(self.count[c])]
+
+    def all(self) -> list[torch.Tensor]:
+        return [self.get(c) for c in range(self.tokens.shape[0])]
+
+
+def sample_prompts(prompts: Sequence[torch.Tensor], k: int, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    """Prompt perturbation (eq. 13): k prompts per class drawn with replacement from each class's
+    set (a class without prompts stays empty)."""
+    out = []
+    for s in prompts:
+        idx = torch.randint(0, len(s), (k,), generator=generator) if len(s) else torch.zeros(0, dtype=torch.long)
+        out.append(s[idx.to(s.device)])
+    return out
+
+
+class PromptCompression(nn.Module):
+    """Eqs. 3-4: per class, learnable queries attend over the class's prompts (any number) and give
+    a fixed-length prompt [queries, dim]."""
+
+    def __init__(self, num_classes: int, in_dim: int, dim: int = 256, queries: int = 1):
+        super().__init__()
+        self.proj = nn.Linear(in_dim, dim)  # to the decoder's width (implicit in the paper)
+        self.q = nn.Parameter(torch.randn(num_classes, queries, dim) * dim**-0.5)
+        self.k = nn.Linear(dim, dim, bias=False)  # W_k
+        self.v = nn.Linear(dim, dim, bias=False)  # W_v
+        self.dim = dim
+
+    def forward(self, prompts: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """prompts: per class a [n_c, in_dim] set -> (compressed [C, queries, dim], decodable bool [C])."""
+        out = self.q.new_zeros(self.q.shape)
+        ok = torch.zeros(len(prompts), dtype=torch.bool, device=self.q.device)
+        for c, s in enumerate(prompts):
+            if len(s) == 0:
+                continue
+            s = self.proj(s.to(self.q.dtype))
+            att = (self.q[c] @ self.k(s).T / math.sqrt(self.dim)).softmax(-1)  # [queries, n_c]
+            out[c] = att @ self.v(s)
+            ok[c] = True
+        return out, ok
+
+
+class SSRSAM(nn.Module):
+    """The retrieval model (see the module docstring); a :class:`lowlabel.models.Segmenter` in
+    its interface (``encode`` / ``decode`` / ``forward`` / ``param_groups``)."""
+
+    size_divisor = 16
+    features_include_input = False
+
+    def __init__(self, num_classes: int, encoder: str = "vit_b", in_channels: int = 3, options: dict | None = None):
+        super().__init__()
+        from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
+
+        from .segmenter import MEAN, STD
+
+        self.options = o = SSRSAMOptions(**(options or {}))
+        self.arch, self.num_classes, self.in_channels, self.encoder_name = "ssr-sam", num_classes, in_channels, encoder
+        self.encoder, self.img_size = build_sam_encoder(encoder, o.img_size)
+        self.encoder.requires_grad_(o.train_encoder)
+        side = self.img_size // 16
+        self.prompt_encoder = PromptEncoder(embed_dim=256, image_embedding_size=(side, side), input_image_size=(self.img_size, self.img_size), mask_in_chans=16)
+        self.mask_decoder = MaskDecoder(num_multimask_outputs=3, transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
+                                        transformer_dim=256, iou_head_depth=3, iou_head_hidden_dim=256)
+        self.mspg = MSPG(o.mspg)
+        self.mspg.requires_grad_(o.train_mspg)
+        self.compression = PromptCompression(num_classes, self.mspg.dim, 256, o.queries)
+        if o.mspg_weights:
+            self.load_weights(torch.load(o.mspg_weights, map_location="cpu", weights_only=True))
+        self.bank = PromptBank(num_classes, self.mspg.dim, o.bank_size)
+        self.feature_channels = 256
+        self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1), persistent=False)
+
+    # ------------------------------------------------------------------ inputs
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        if images.shape[1] == 1:
+            images = images.expand(-1, 3, -1, -1)
+        elif self.in_channels == 1:
+            images = images.mean(1, keepdim=True).expand(-1, 3, -1, -1)  # grey data: SAM's encoders take 3 channels
+        return (images - self.mean) / self.std
+
+    def _pad(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        if h > self.img_size or w > self.img_size:
+            raise ValueError(f"input {h}x{w} exceeds the SSR-SAM encoder's {self.img_size}x{self.img_size}; predict larger images tile by tile "
+                             f"(eval.tile <= {self.img_size})")
+        return F.pad(x, (0, self.img_size - w, 0, self.img_size - h))
+
+    # ------------------------------------------------------------------ g, MSPG
+    def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """[g(x)]: SAM image embeddings [B, 256, img_size / 16, img_size / 16] of the zero-padded input."""
+        x = self._pad(self.normalize(images))
+        if self.options.train_encoder:
+            return [self.encoder(x)]
+        with torch.no_grad():
+            return [self.encoder(x)]
+
+    def prompts_from(self, images: torch.Tensor, masks: torch.Tensor, ignore_index: int = 255) -> tuple[torch.Tensor, torch.Tensor]:
+        """MSPG over every (image, class) with at least ``min_prompt_pixels`` pixels of the class:
+        (prompts [N, d], their classes [N])."""
+        x = self.normalize(images)
+        pairs = [(b, c) for b in range(len(masks)) for c in range(self.num_classes) if int((masks[b] == c).sum()) >= self.options.min_prompt_pixels]
+        if not pairs:
+            return x.new_zeros(0, self.mspg.dim), torch.zeros(0, dtype=torch.long, device=x.device)
+        masked = torch.stack([x[b] * (masks[b] == c).to(x.dtype) for b, c in pairs])
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.options.train_mspg):
+            tokens = self.mspg(masked)
+        return tokens, torch.tensor([c for _, c in pairs], device=x.device)
+
+    # ------------------------------------------------------------------ h
+    def decode_features(self, features: list[torch.Tensor]) -> torch.Tensor:
+        return features[-1]
+
+    def decode(self, features: list[torch.Tensor], out_size, prompts: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """Class logits [B, C, *out_size]: each class decoded with its compressed prompts (default:
+        the whole bank). ``out_size`` is the (unpadded) input size."""
+        emb = features[-1]
+        compressed, ok = self.compression(self.bank.all() if prompts is None else prompts)
+        pe = self.prompt_encoder.get_dense_pe()
+        dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(self.num_classes, -1, *emb.shape[-2:])
+        maps = []
+        for b in range(emb.shape[0]):
+            low, _ = self.mask_decoder(image_embeddings=emb[b : b + 1], image_pe=pe, sparse_prompt_embeddings=compressed, dense_prompt_embeddings=dense,
+                                       multimask_output=False)
+            maps.append(low[:, 0])  # [C, 4h, 4w]
+        logits = torch.stack(maps)
+        logits = F.interpolate(logits, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False)[..., : out_size[0], : out_size[1]]
+        return torch.where(ok.view(1, -1, 1, 1), logits, torch.full_like(logits, NOT_DECODABLE))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(images), images.shape[-2:])
+
+    def load_weights(self, state: dict) -> str:
+        """Load a state dict: an official SAM / MobileSAM checkpoint (``image_encoder.*``,
+        ``prompt_encoder.*``, ``mask_decoder.*``: g and h, strictly), a torchvision ViT for the MSPG
+        (``conv_proj.*``, ``encoder.layers.*``, ``class_token``; its classifier head dropped), or a
+        whole SSR-SAM model. Returns what was loaded."""
+        if any(k.startswith("image_encoder.") for k in state):
+            parts = {"encoder": self.encoder, "prompt_encoder": self.prompt_encoder, "mask_decoder": self.mask_decoder}
+            for name, module in parts.items():
+                prefix = "image_encoder." if name == "encoder" else f"{name}."
+                module.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
+            return "SAM image encoder, prompt encoder and mask decoder"
+        if "class_token" in state and "conv_proj.weight" in state:
+            self.mspg.vit.load_state_dict({k: v for k, v in state.items() if not k.startswith("heads.")}, strict=True)
+            return "MSPG ViT"
+        self.load_state_dict(state, strict=True)
+        return "SSR-SAM model"
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        enc = [p for p in self.encoder.parameters() if p.requires_grad]
+        ids = {id(p) for p in enc}
+        return {"backbone": enc, "head": [p for p in self.parameters() if p.requires_grad and id(p) not in ids]}

@@ -1,0 +1,166 @@
+"""SSR-SAM's retrieval model: MSPG masking and tokens, prompt compression over any number of
+prompts (none included), per-class decoding shapes, prompt sampling with replacement, frozen
+parts, and the official SAM / torchvision ViT weight layouts."""
+
+import pytest
+import torch
+
+pytest.importorskip("segment_anything")
+
+from lowlabel.models import build_model  # noqa: E402
+from lowlabel.models.ssr_sam import NOT_DECODABLE, PromptBank, PromptCompression, sample_prompts  # noqa: E402
+
+SCRATCH = {"mspg": "tiny", "img_size": 64, "train_encoder": True, "train_mspg": True, "min_prompt_pixels": 4}
+
+
+def _model(**options):
+    torch.manual_seed(0)
+    return build_model("ssr-sam", "scratch", 3, options={**SCRATCH, **options})
+
+
+def test_mspg_sees_only_the_class_pixels():
+    m = _model()
+    x = torch.rand(2, 3, 48, 48)
+    y = torch.zeros(2, 48, 48, dtype=torch.long)
+    y[0, :10] = 1
+    y[1, :, :20] = 2
+    y[1, 0, 0] = 1  # 1 pixel of class 1: under min_prompt_pixels, no prompt
+    tokens, classes = m.prompts_from(x, y)
+    assert classes.tolist() == [0, 1, 0, 2] and tokens.shape == (4, 192)
+    # class 1 of image 0 sees only its rows: changing pixels outside them leaves its prompt as is
+    x2 = x.clone()
+    x2[0, :, 10:] = torch.rand(3, 38, 48)
+    t2, _ = m.prompts_from(x2, y)
+    assert torch.allclose(t2[1], tokens[1], atol=1e-6) and not torch.allclose(t2[0], tokens[0])
+
+
+def test_compression_takes_any_number_of_prompts_and_marks_empty_classes():
+    comp = PromptCompression(3, 192, 256, queries=2)
+    out, ok = comp([torch.randn(5, 192), torch.zeros(0, 192), torch.randn(1, 192)])
+    assert out.shape == (3, 2, 256) and ok.tolist() == [True, False, True]
+    # eq. 4 with one prompt: the softmax weight is 1, the output is W_v (proj(s))
+    s = torch.randn(1, 192)
+    out, _ = comp([s, s, s])
+    assert torch.allclose(out[0], comp.v(comp.proj(s)).expand(2, -1), atol=1e-5)
+    # permutation of a class's prompt set does not change its compressed prompt
+    s = torch.randn(7, 192)
+    a, _ = comp([s, s, s])
+    b, _ = comp([s.flip(0), s, s])
+    assert torch.allclose(a[0], b[0], atol=1e-5)
+
+
+def test_decoding_one_map_per_class_with_the_bank_or_given_prompts():
+    m = _model()
+    x = torch.rand(2, 3, 48, 40)  # smaller than img_size: zero-padded, logits cropped back
+    y = torch.randint(0, 2, (2, 48, 40))  # class 2 never labeled
+    m.bank.add(*m.prompts_from(x, y))
+    out = m(x)
+    assert out.shape == (2, 3, 48, 40)
+    assert (out[:, 2] == NOT_DECODABLE).all() and (out[:, :2] != NOT_DECODABLE).all()  # no prompt of class 2: never predicted
+    k = sample_prompts(m.bank.all(), 3)
+    assert [len(p) for p in k] == [3, 3, 0]
+    assert m.decode(m.encode(x), x.shape[-2:], k).shape == (2, 3, 48, 40)
+    with pytest.raises(ValueError, match="tile by tile"):
+        m(torch.rand(1, 3, 80, 64))
+
+
+def test_bank_is_a_fifo_per_class_and_samples_with_replacement():
+    bank = PromptBank(2, 4, size=3)
+    bank.add(torch.arange(5.0)[:, None].expand(5, 4), torch.tensor([0, 0, 0, 0, 1]))
+    assert bank.get(0)[:, 0].tolist() == [3.0, 1.0, 2.0] and bank.get(1)[:, 0].tolist() == [4.0]  # the oldest (0) overwritten
+    g = torch.Generator().manual_seed(0)
+    draws = sample_prompts(bank.all(), 50, g)
+    assert draws[1].shape == (50, 4) and (draws[1][:, 0] == 4).all()  # one prompt drawn 50 times: with replacement
+    assert set(draws[0][:, 0].tolist()) == {1.0, 2.0, 3.0}
+    state = bank.state_dict()
+    other = PromptBank(2, 4, size=3)
+    other.load_state_dict(state)
+    assert torch.equal(other.get(0), bank.get(0))  # a checkpoint carries the bank
+
+
+def test_frozen_parts_get_no_gradient_and_are_left_out_of_the_optimiser():
+    m = _model(train_encoder=False, train_mspg=False)
+    x, y = torch.rand(2, 3, 64, 64), torch.randint(0, 3, (2, 64, 64))
+    tokens, classes = m.prompts_from(x, y)
+    assert not tokens.requires_grad
+    m.bank.add(tokens, classes)
+    torch.nn.functional.cross_entropy(m(x), y).backward()
+    assert all(p.grad is None for p in m.encoder.parameters()) and all(p.grad is None for p in m.mspg.parameters())
+    assert m.compression.q.grad is not None and m.mask_decoder.output_upscaling[0].weight.grad is not None
+    groups = m.param_groups()
+    assert groups["backbone"] == [] and len(groups["head"]) > 0
+
+
+@pytest.mark.parametrize("encoder", ["vit_t", "vit_b"])
+def test_official_checkpoint_layouts_load_strictly(tmp_path, encoder):
+    """A SAM checkpoint (segment_anything's Sam, or MobileSAM) loads into g and h by its own key
+    names; a torchvision ViT-B/16 state dict into the MSPG."""
+    from segment_anything import sam_model_registry
+    from torchvision.models import vit_b_16
+
+    from lowlabel.models.segmenter import load_pretrained
+
+    if encoder == "vit_t":
+        from lowlabel.sam.mobilesam import build_mobile_sam
+
+        official = build_mobile_sam()
+    else:
+        official = sam_model_registry["vit_b"]()
+    torch.save(official.state_dict(), tmp_path / "sam.pth")
+    vit = vit_b_16()
+    torch.save(vit.state_dict(), tmp_path / "vit.pth")
+    m = build_model("ssr-sam", encoder, 2, options={"mspg_weights": str(tmp_path / "vit.pth")})
+    assert torch.equal(m.mspg.vit.conv_proj.weight, vit.conv_proj.weight)
+    load_pretrained(m, tmp_path / "sam.pth")
+    for name, ours in (("image_encoder", m.encoder), ("mask_decoder", m.mask_decoder), ("prompt_encoder", m.prompt_encoder)):
+        theirs = getattr(official, name).state_dict()
+        assert ours.state_dict().keys() == theirs.keys()
+        assert all(torch.equal(v, theirs[k]) for k, v in ours.state_dict().items())
+    broken = {k: v for k, v in official.state_dict().items() if "neck" not in k}
+    torch.save(broken, tmp_path / "broken.pth")
+    with pytest.raises(ValueError, match="do not fit"):
+        load_pretrained(m, tmp_path / "broken.pth")
+
+
+def test_fit_fills_the_bank_and_a_reloaded_run_decodes_with_it(tiny_dataset, tmp_path):
+    """ssr_sam trains end to end on the engine (scratch encoder and MSPG): every term of eq. 14
+    present, the bank filled from the labeled images only, saved with the checkpoint; a run loaded
+    from disk predicts with that bank (the same logits). The ablations drop their terms; another
+    model is refused."""
+    from lowlabel import load_run
+    from lowlabel.api import fit
+    from lowlabel.config import load_config
+    from lowlabel.engine.trainer import Trainer
+    from lowlabel.errors import ConfigError
+
+    from .conftest import tiny_config
+
+    model = {"arch": "ssr-sam", "encoder": "scratch", "options": {**SCRATCH, "img_size": 32}}
+    with pytest.raises(ConfigError, match="eval.tile=64 exceeds"):
+        Trainer(load_config(raw=tiny_config(tiny_dataset, tmp_path / "big", "ssr_sam", "self", model=model)), progress=False)
+    raw = tiny_config(tiny_dataset, tmp_path / "runs", "ssr_sam", "self", iterations=2, model=model, eval={"tile": 32})
+    run = fit(load_config(raw=raw), progress=False)
+    records = [__import__("json").loads(line) for line in (tmp_path / "runs" / raw["name"] / "metrics.jsonl").read_text().splitlines()]
+    step = next(r for r in records if "loss_pp" in r)
+    assert {"loss_x", "loss_fp", "loss_s", "loss_pp"} <= set(step)
+    net = run.model
+    assert int(net.bank.count.sum()) > 0
+    x = torch.rand(1, 3, 32, 32)
+    again = load_run(tmp_path / "runs" / raw["name"]).model
+    assert torch.equal(again.bank.tokens, net.bank.tokens)
+    net.eval(), again.eval()
+    with torch.no_grad():
+        assert torch.allclose(net(x), again(x), atol=1e-5)
+
+    for perturbations, absent in ((["prompt"], {"loss_fp", "loss_s"}), (["image", "feature"], {"loss_pp"})):
+        r = tiny_config(tiny_dataset, tmp_path / "abl", "ssr_sam", "self", iterations=1, model=model, eval={"tile": 32})
+        r["method"]["params"] = {"perturbations": perturbations}
+        r["name"] = "-".join(perturbations)
+        tr = Trainer(load_config(raw=r), progress=False)
+        rec = tr.step(tr._to_device(next(tr.lab_stream.batches(0))), tr._to_device(next(tr.unl_stream.batches(0))))
+        assert not absent & set(rec)
+    base = tiny_config(tiny_dataset, tmp_path / "lo", "ssr_sam_labeled", "none", iterations=1, model=model, eval={"tile": 32})
+    tr = Trainer(load_config(raw=base), progress=False)
+    assert tr.unl_stream is None
+    with pytest.raises(ConfigError, match="ssr-sam"):
+        Trainer(load_config(raw=tiny_config(tiny_dataset, tmp_path / "x", "ssr_sam", "self")), progress=False)
