@@ -164,3 +164,46 @@ def test_fit_fills_the_bank_and_a_reloaded_run_decodes_with_it(tiny_dataset, tmp
     assert tr.unl_stream is None
     with pytest.raises(ConfigError, match="ssr-sam"):
         Trainer(load_config(raw=tiny_config(tiny_dataset, tmp_path / "x", "ssr_sam", "self")), progress=False)
+
+
+def test_retrieve_cli_writes_a_mask_per_query(tiny_dataset, tmp_path):
+    """lowlabel retrieve: the exemplar's masked region becomes one prompt, decoded alone on each
+    query (tiled at the encoder's side); one 0/1 mask and one overlay per query. A semantic run
+    of another model is refused."""
+    import numpy as np
+    from PIL import Image
+
+    from lowlabel.api import fit
+    from lowlabel.cli import main
+    from lowlabel.config import load_config
+    from lowlabel.engine.run import Run
+
+    from .conftest import tiny_config
+
+    model = {"arch": "ssr-sam", "encoder": "scratch", "options": {**SCRATCH, "img_size": 32}}
+    raw = tiny_config(tiny_dataset, tmp_path / "runs", "ssr_sam_labeled", "none", iterations=1, model=model, eval={"tile": 32})
+    fit(load_config(raw=raw), progress=False)
+    run_dir = tmp_path / "runs" / raw["name"]
+    images = sorted((tiny_dataset / "images").iterdir())
+    ex_mask = tmp_path / "ex.png"
+    m = np.zeros(Image.open(images[0]).size[::-1], np.uint8)
+    m[5:20, 5:25] = 1
+    Image.fromarray(m).save(ex_mask)
+    assert main(["retrieve", str(images[1]), str(images[2]), "--model", str(run_dir), "--exemplar", str(images[0]), "--exemplar-mask", str(ex_mask),
+                 "--out", str(tmp_path / "ret")]) == 0
+    for q in images[1:3]:
+        out = np.asarray(Image.open(tmp_path / "ret" / f"{q.stem}.png"))
+        assert out.shape == Image.open(q).size[::-1] and set(np.unique(out)) <= {0, 1}
+        assert (tmp_path / "ret" / "overlays" / f"{q.stem}.jpg").exists()
+    run = Run.load(run_dir)
+    (a,) = run.retrieve(images[0], ex_mask, [images[1]])
+    net = run.model
+    x = torch.from_numpy(np.array(Image.open(images[0]).convert("RGB"))).permute(2, 0, 1)[None].float() / 255
+    prompt = net.exemplar_prompt(x, torch.from_numpy(m > 0))
+    q = torch.from_numpy(np.array(Image.open(images[1]).convert("RGB"))).permute(2, 0, 1)[None].float() / 255
+    with torch.no_grad():
+        logit = net.decode_prompt(net.encode(q[..., :32, :32]), (32, 32), prompt)[0]
+    sure = logit.abs().numpy()[:16, :16] > 1e-3  # batched tiles vs one: float noise may flip a logit of ~0
+    assert sure.mean() > 0.9 and np.array_equal(a[:16, :16][sure], (logit > 0).numpy()[:16, :16][sure])  # only the first tile covers these
+    with pytest.raises(ValueError, match="empty"):
+        run.retrieve(images[0], np.zeros_like(m), [images[1]])

@@ -112,6 +112,16 @@ def _cmd_predict(args) -> int:
     return 0
 
 
+def _cmd_retrieve(args) -> int:
+    from .engine.run import Run
+
+    run = Run.load(args.model, device=args.device)
+    masks = run.retrieve(args.exemplar, args.exemplar_mask, [Path(q) for q in args.queries] if len(args.queries) > 1 else args.queries[0], args.out,
+                         overlays=not args.no_overlay)
+    print(f"{len(masks)} quer{'y' if len(masks) == 1 else 'ies'} -> {args.out} (retrieved share: {', '.join(f'{100 * m.mean():.1f}%' for m in masks[:8])}{' ...' if len(masks) > 8 else ''})")
+    return 0
+
+
 def _cmd_quickstart(args) -> int:
     from .quickstart import quickstart
 
@@ -248,6 +258,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--in-process", action="store_true",
                    help="train each cell in this process, not in a fresh child process (which keeps the cells' memory apart)")
     b.set_defaults(func=_cmd_bench)
+
+    r = sub.add_parser("retrieve", help="zero-shot exemplar retrieval with an SSR-SAM model: segment what a masked exemplar region shows in other images")
+    r.add_argument("queries", nargs="+", help="query images, or one folder of them")
+    r.add_argument("--model", required=True, help="an SSR-SAM run directory or checkpoint (model.arch ssr-sam)")
+    r.add_argument("--exemplar", required=True, help="the exemplar image")
+    r.add_argument("--exemplar-mask", required=True, help="its mask: non-zero (and not 255) pixels mark the region to retrieve")
+    r.add_argument("--out", required=True, help="folder for <id>.png masks (1 = retrieved) and overlays/")
+    r.add_argument("--device", default="auto")
+    r.add_argument("--no-overlay", action="store_true")
+    r.set_defaults(func=_cmd_retrieve)
 
     w = sub.add_parser("weaken", help="simulate weak labels (points, scribbles, coarse) from dense masks")
     w.add_argument("dataset")

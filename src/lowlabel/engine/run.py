@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from PIL import Image
 
 from ..config import Config, EvalConfig
 from ..data.dataset import IMAGE_EXTENSIONS, DatasetError, check_image_file, FolderDataset, write_label
@@ -84,6 +86,52 @@ class Run:
             for_eval(self.model, e), image, self.num_classes, tile=e.tile, overlap=e.overlap, weighting=e.weighting,
             batch_size=e.batch_size, device=self.device, return_probs=return_probs, progress=progress, sink=sink,
         )
+
+    def retrieve(self, exemplar: np.ndarray | str | Path, exemplar_mask: np.ndarray | str | Path, queries, out: str | Path | None = None,
+                 *, overlays: bool = True) -> list[np.ndarray]:
+        """Zero-shot exemplar retrieval with an SSR-SAM run (``model.arch: ssr-sam``): segment, in
+        every query image (arrays or files; a folder is read whole), what the exemplar's masked
+        region (mask: non-zero pixels) shows, whatever its category. Returns one bool mask per
+        query; with ``out``, writes ``<id>.png`` (0 / 1, palette) and ``overlays/<id>.jpg``."""
+        from ..data.dataset import read_image, read_label
+        from ..models.ssr_sam import SSRSAM, Retriever
+
+        if not isinstance(self.model, SSRSAM):
+            raise ValueError(f"retrieve needs an SSR-SAM model (model.arch ssr-sam); this run's is {type(self.model).__name__}")
+        ex = read_image(exemplar) if isinstance(exemplar, (str, Path)) else exemplar
+        m = read_label(exemplar_mask) if isinstance(exemplar_mask, (str, Path)) else np.asarray(exemplar_mask)
+        if m.shape != ex.shape[:2]:
+            raise ValueError(f"exemplar mask {m.shape[1]}x{m.shape[0]} does not match its image {ex.shape[1]}x{ex.shape[0]}")
+        side = self.model.img_size
+        if max(ex.shape[:2]) > side:  # the exemplar enters the MSPG whole: shrink it to the encoder's side
+            f = side / max(ex.shape[:2])
+            size = (max(1, round(ex.shape[0] * f)), max(1, round(ex.shape[1] * f)))
+        else:
+            size = ex.shape[:2]
+        x = torch.from_numpy(np.array(ex)).permute(2, 0, 1)[None].float().div(255).to(self.device)
+        mask = torch.from_numpy((m > 0) & (m != 255)).to(self.device)
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        mask = F.interpolate(mask[None, None].float(), size=size, mode="nearest")[0, 0] > 0
+        net = Retriever(self.model, x, mask).eval()
+        if isinstance(queries, (str, Path)):
+            q = Path(queries)
+            queries = sorted(p for p in q.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS) if q.is_dir() else [q]
+        results = []
+        out = Path(out) if out is not None else None
+        for i, query in enumerate(queries):
+            img = read_image(query) if isinstance(query, (str, Path)) else query
+            e = self.eval_cfg
+            labels = sliding_window(net, img, 2, tile=min(e.tile, side), overlap=e.overlap, weighting=e.weighting, batch_size=e.batch_size, device=self.device).labels
+            results.append(labels == 1)
+            if out is not None:
+                name = Path(query).stem if isinstance(query, (str, Path)) else f"query_{i:04d}"
+                out.mkdir(parents=True, exist_ok=True)
+                write_label(out / f"{name}.png", labels.astype(np.uint8), [[0, 0, 0], [255, 64, 64]])
+                if overlays:
+                    (out / "overlays").mkdir(exist_ok=True)
+                    blend = np.where((labels == 1)[..., None], (img * 0.5 + np.array([255, 64, 64]) * 0.5), img).astype(np.uint8)
+                    Image.fromarray(blend).save(out / "overlays" / f"{name}.jpg", quality=92)
+        return results
 
     def predict_instances(self, image: np.ndarray | torch.Tensor | str | Path, score_threshold: float = 0.5):
         """An instance run's :class:`~lowlabel.eval.instances.Instances` of one image (uint8

@@ -37,6 +37,12 @@ The parts, as the paper has them, and where lowlabel decides what it leaves open
   returns one mask logit map per class (single-mask output); the C maps, stacked, are the class
   logits (softmax over classes, cross-entropy, as the paper's losses imply). One decoder pass per
   class and image, as the reference code.
+- **Zero-shot exemplar retrieval** (``Retriever``): the exemplar's masked image through the MSPG
+  gives one prompt; with a single prompt eq. 4's attention weight is 1 whatever the query, so the
+  compressed prompt is W_v of the projected prompt for any query (no class query is needed for an
+  unseen category); the mask decoder decodes it alone on each query tile and pixels with a mask
+  logit > 0 (SAM's mask threshold) are retrieved. The paper gives no protocol for this (its
+  appendix is not available): these are lowlabel's choices.
 """
 
 from __future__ import annotations
@@ -267,6 +273,24 @@ class SSRSAM(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(images), images.shape[-2:])
 
+    @torch.no_grad()
+    def exemplar_prompt(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The MSPG prompt [1, d] of an exemplar: image [1, 3, H, W] in [0, 1], mask bool [H, W]."""
+        if not mask.any():
+            raise ValueError("the exemplar mask is empty: mark the region to retrieve with non-zero pixels")
+        return self.mspg(self.normalize(image) * mask.to(image.dtype))
+
+    def decode_prompt(self, features: list[torch.Tensor], out_size, prompt: torch.Tensor) -> torch.Tensor:
+        """Mask logits [B, *out_size] of one prompt set [n, d] decoded alone (retrieval)."""
+        compressed, _ = self.compression([prompt] * self.num_classes)
+        pe = self.prompt_encoder.get_dense_pe()
+        emb = features[-1]
+        dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(1, -1, *emb.shape[-2:])
+        maps = [self.mask_decoder(image_embeddings=emb[b : b + 1], image_pe=pe, sparse_prompt_embeddings=compressed[:1], dense_prompt_embeddings=dense,
+                                  multimask_output=False)[0][:, 0] for b in range(emb.shape[0])]
+        logits = F.interpolate(torch.cat(maps)[:, None], size=(self.img_size, self.img_size), mode="bilinear", align_corners=False)
+        return logits[:, 0, : out_size[0], : out_size[1]]
+
     def load_weights(self, state: dict) -> str:
         """Load a state dict: an official SAM / MobileSAM checkpoint (``image_encoder.*``,
         ``prompt_encoder.*``, ``mask_decoder.*``: g and h, strictly), a torchvision ViT for the MSPG
@@ -288,3 +312,18 @@ class SSRSAM(nn.Module):
         enc = [p for p in self.encoder.parameters() if p.requires_grad]
         ids = {id(p) for p in enc}
         return {"backbone": enc, "head": [p for p in self.parameters() if p.requires_grad and id(p) not in ids]}
+
+
+class Retriever(nn.Module):
+    """An exemplar's region as a 2-class segmenter (0 = rest, 1 = retrieved, where the mask logit
+    is > 0), so the tiled inference of :func:`lowlabel.eval.inference.sliding_window` runs it over
+    query images of any size."""
+
+    def __init__(self, model: SSRSAM, image: torch.Tensor, mask: torch.Tensor):
+        super().__init__()
+        self.model = model
+        self.prompt = model.exemplar_prompt(image, mask)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        logit = self.model.decode_prompt(self.model.encode(images), images.shape[-2:], self.prompt)
+        return torch.stack([torch.zeros_like(logit), logit], 1)
