@@ -84,6 +84,7 @@ class SSRSAMMethod(SSRSAMLabeledOnly):
     uses_unlabeled = True
     n_strong = 2
     default_teacher = "self"
+    needs_run = True  # only to check the teacher (attach)
 
     def __init__(self, params=None, *, num_classes: int, model=None):
         super().__init__(params, num_classes=num_classes, model=model)
@@ -92,6 +93,12 @@ class SSRSAMMethod(SSRSAMLabeledOnly):
             from ..errors import ConfigError
 
             raise ConfigError(f"method.params.perturbations: a non-empty subset of image, feature, prompt; got {self.p.perturbations}")
+
+    def attach(self, run) -> None:
+        if run.teacher_kind not in ("self", "none"):
+            from ..errors import ConfigError
+
+            raise ConfigError(f"method ssr_sam pseudo-labels with the student itself (the paper's UniMatch): set teacher.kind=self, not {run.teacher_kind!r}")
 
     def training_step(self, student, teacher, labeled, unlabeled, ctx):
         p = self.p
