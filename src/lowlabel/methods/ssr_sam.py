@@ -65,10 +65,18 @@ class SSRSAMLabeledOnly(Method):
 
     Params = SSRSAMParams
     default_teacher = "none"
+    needs_run = True  # only to check the teacher (attach)
 
     def __init__(self, params=None, *, num_classes: int, model=None):
         super().__init__(params, num_classes=num_classes, model=model)
         _check_model(model)
+
+    def attach(self, run) -> None:
+        if run.teacher_kind not in ("self", "none"):  # an averaged network would average the prompt bank's tokens too
+            from ..errors import ConfigError
+
+            raise ConfigError(f"method {'ssr_sam' if self.uses_unlabeled else 'ssr_sam_labeled'} trains and evaluates the student itself "
+                              f"(an averaged network would average its prompt bank): set teacher.kind=self, not {run.teacher_kind!r}")
 
     def training_step(self, student, teacher, labeled, unlabeled, ctx):
         prompts, tokens, classes = labeled_prompts(student, labeled)
@@ -84,7 +92,6 @@ class SSRSAMMethod(SSRSAMLabeledOnly):
     uses_unlabeled = True
     n_strong = 2
     default_teacher = "self"
-    needs_run = True  # only to check the teacher (attach)
 
     def __init__(self, params=None, *, num_classes: int, model=None):
         super().__init__(params, num_classes=num_classes, model=model)
@@ -93,12 +100,6 @@ class SSRSAMMethod(SSRSAMLabeledOnly):
             from ..errors import ConfigError
 
             raise ConfigError(f"method.params.perturbations: a non-empty subset of image, feature, prompt; got {self.p.perturbations}")
-
-    def attach(self, run) -> None:
-        if run.teacher_kind not in ("self", "none"):
-            from ..errors import ConfigError
-
-            raise ConfigError(f"method ssr_sam pseudo-labels with the student itself (the paper's UniMatch): set teacher.kind=self, not {run.teacher_kind!r}")
 
     def training_step(self, student, teacher, labeled, unlabeled, ctx):
         p = self.p
