@@ -250,3 +250,27 @@ def test_training_reads_a_window_of_each_raster_not_the_whole(tmp_path, rgb, mon
 
     with pytest.raises(ConfigError, match="data.window"):
         build_sets(load_config(raw={**raw, "data": {**raw["data"], "resize": True}}).data, 0, 0, False)
+
+
+def test_whole_slide_tiff_without_crs_gives_a_tiled_tiff(tmp_path, rgb):
+    """A pyramidal, tiled TIFF without georeferencing (a whole slide) is read by window and
+    predicted into a tiled TIFF on its pixel grid (no CRS), equal to the prediction of the same
+    pixels as a PNG; a plain strip TIFF still gives a PNG."""
+    run = _colour_run()
+    src = tmp_path / "in"
+    src.mkdir()
+    with rasterio.open(src / "slide.tif", "w", driver="GTiff", height=rgb.shape[1], width=rgb.shape[2], count=3, dtype="uint8",
+                       tiled=True, blockxsize=128, blockysize=128, compress="jpeg") as ds:
+        ds.write(rgb)
+    with rasterio.open(src / "slide.tif", "r+") as ds:
+        ds.build_overviews([2, 4])
+    Image.fromarray(np.moveaxis(rgb, 0, 2)).save(src / "plain.tif")  # PIL: strips, no tiles
+    written = run.predict_folder(src, tmp_path / "pred")
+    assert sorted(p.name for p in written) == ["plain.png", "slide.tif"]
+    with rasterio.open(tmp_path / "pred" / "slide.tif") as o, rasterio.open(src / "slide.tif") as i:
+        assert o.crs is None and o.block_shapes[0] == (256, 256) and o.overviews(1)  # tiled, with overviews (COG)
+        assert (o.height, o.width) == (i.height, i.width)
+        slide_labels = o.read(1)
+        pixels = i.read()
+    expected = run.predict(np.ascontiguousarray(np.moveaxis(pixels, 0, 2))).labels
+    assert np.array_equal(slide_labels, expected)

@@ -41,7 +41,8 @@ class RasterReader:
     0..255 for non-uint8 data; default: the 2nd and 98th percentiles of a decimated read of the
     selected bands (at most ``stats_side`` pixels on the long side), the usual display stretch of
     16-bit satellite scenes. Attributes ``crs``, ``transform`` and ``georeferenced`` describe
-    the grid; :meth:`valid` is False where the source marks nodata.
+    the grid; :meth:`valid` is False where the source marks nodata; ``tiled`` is True for a tiled
+    or pyramidal file (a whole-slide image, a mosaic), georeferenced or not.
     """
 
     def __init__(self, path: str | os.PathLike, bands: Sequence[int] | None = None, value_range: tuple[float, float] | None = None, stats_side: int = 1024):
@@ -67,6 +68,8 @@ class RasterReader:
         self.dtype = dtype
         self.crs, self.transform = ds.crs, ds.transform
         self.georeferenced = ds.crs is not None
+        # a tiled or pyramidal layout (whole slides, mosaics): predictions are written as tiled TIFFs too
+        self.tiled = ds.block_shapes[0][1] < ds.width or bool(ds.overviews(1))
         self.has_nodata = ds.nodata is not None or _has_mask(ds)
         if dtype == np.uint8:
             self.value_range = None

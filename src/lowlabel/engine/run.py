@@ -181,7 +181,8 @@ class Run:
         values = class ids) and, with ``overlays``, ``overlays/<id>.jpg`` colour blends. A
         georeferenced raster (GeoTIFF, COG, JPEG 2000, VRT; needs rasterio) gives ``<id>.tif``
         instead: a Cloud Optimized GeoTIFF on the input's grid (CRS, transform), palette as colour
-        map, 255 = nodata where the input is nodata, a confidence band with ``confidence``; its
+        map, 255 = nodata where the input is nodata, a confidence band with ``confidence``; so does
+        a tiled or pyramidal TIFF without georeferencing (a whole slide: no CRS, pixel grid); its
         rows are written as they are finished, so memory stays flat, and no overlay is made (a
         GIS shows the colour map over the image). ``vector`` (``"gpkg"`` or ``"geojson"``) adds
         ``<id>.<vector>``: the label map's polygons per class (:func:`lowlabel.data.raster.polygonize`,
@@ -211,7 +212,7 @@ class Run:
         with progress_bar("predicting", len(files), enabled=progress) as adv:
             for f in files:
                 reader = open_reader(f, *self.raster_options())
-                if getattr(reader, "georeferenced", False):
+                if getattr(reader, "georeferenced", False) or getattr(reader, "tiled", False):
                     sink = GeoTiffSink(out / f"{f.stem}.tif", reader, self.palette, confidence=confidence)
                     try:
                         self.predict(reader, sink=sink)
