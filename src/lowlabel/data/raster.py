@@ -25,6 +25,15 @@ from .dataset import DatasetError
 RASTER_EXTENSIONS = (".tif", ".tiff", ".jp2", ".vrt", ".img")
 
 
+def _not_georeferenced_is_fine() -> None:
+    """Whole slides and plain TIFFs have no georeferencing by design: GDAL's warning about it is noise."""
+    import warnings
+
+    from rasterio.errors import NotGeoreferencedWarning
+
+    warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
+
+
 def have_rasterio() -> bool:
     try:
         import rasterio  # noqa: F401
@@ -49,6 +58,7 @@ class RasterReader:
         import rasterio
         from rasterio.errors import RasterioIOError
 
+        _not_georeferenced_is_fine()
         self.path = Path(path)
         try:
             self.ds = rasterio.open(self.path)
