@@ -337,6 +337,7 @@ class FolderDataset(torch.utils.data.Dataset):
         self.coords = coords
         self.window = window
         self._ranges: dict[Path, tuple[float, float] | None] = {}  # a raster's value range, computed once
+        self._sizes: dict[str, tuple[int, int]] = {}  # image sizes, read once (window reads)
         self.confidence_folder = None
         if confidence != "none" and labeled:
             folder = self.info.weak_confidence.get(weak) if weak else None
@@ -380,19 +381,23 @@ class FolderDataset(torch.utils.data.Dataset):
         return ("mask", self.root / "masks" / f"{sid}.png", False)
 
     def image_size(self, sid: str) -> tuple[int, int]:
-        """(height, width) of an image, without decoding its pixels."""
+        """(height, width) of an image, without decoding its pixels (read once per image)."""
+        if sid in self._sizes:
+            return self._sizes[sid]
         path = self._images[sid]
         if _windowed(path):
             import rasterio
 
             with rasterio.open(path) as ds:
-                return ds.height, ds.width
+                self._sizes[sid] = ds.height, ds.width
+                return self._sizes[sid]
         Image.MAX_IMAGE_PIXELS = _MAX_PIXELS
         try:
             with Image.open(path) as img:
-                return img.height, img.width
+                self._sizes[sid] = img.height, img.width
         except (UnidentifiedImageError, OSError) as err:
             raise DatasetError(path, f"unreadable image ({err})") from None
+        return self._sizes[sid]
 
     def _read_image(self, path: Path, window: tuple[int, int, int, int] | None) -> tuple[np.ndarray, np.ndarray | None]:
         """(image, valid): ``valid`` is False on a raster's nodata pixels (None: all valid)."""

@@ -257,18 +257,20 @@ class SSRSAM(nn.Module):
     def decode(self, features: list[torch.Tensor], out_size, prompts: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
         """Class logits [B, C, *out_size]: each class decoded with its compressed prompts (default:
         the whole bank). ``out_size`` is the (unpadded) input size."""
-        emb = features[-1]
         compressed, ok = self.compression(self.bank.all() if prompts is None else prompts)
-        pe = self.prompt_encoder.get_dense_pe()
-        dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(self.num_classes, -1, *emb.shape[-2:])
-        maps = []
-        for b in range(emb.shape[0]):
-            low, _ = self.mask_decoder(image_embeddings=emb[b : b + 1], image_pe=pe, sparse_prompt_embeddings=compressed, dense_prompt_embeddings=dense,
-                                       multimask_output=False)
-            maps.append(low[:, 0])  # [C, 4h, 4w]
-        logits = torch.stack(maps)
-        logits = F.interpolate(logits, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False)[..., : out_size[0], : out_size[1]]
+        logits = self._masks(features[-1], compressed, out_size)
         return torch.where(ok.view(1, -1, 1, 1), logits, torch.full_like(logits, NOT_DECODABLE))
+
+    def _masks(self, emb: torch.Tensor, compressed: torch.Tensor, out_size) -> torch.Tensor:
+        """SAM's mask decoder over image embeddings [B, 256, h, w], one single-mask pass per
+        compressed prompt set [n, queries, 256]: logits [B, n, *out_size] (upsampled to the
+        encoder's input, cropped to the unpadded size)."""
+        pe = self.prompt_encoder.get_dense_pe()
+        dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(len(compressed), -1, *emb.shape[-2:])
+        maps = [self.mask_decoder(image_embeddings=emb[b : b + 1], image_pe=pe, sparse_prompt_embeddings=compressed, dense_prompt_embeddings=dense,
+                                  multimask_output=False)[0][:, 0] for b in range(emb.shape[0])]  # each [n, 4h, 4w]
+        logits = F.interpolate(torch.stack(maps), size=(self.img_size, self.img_size), mode="bilinear", align_corners=False)
+        return logits[..., : out_size[0], : out_size[1]]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(images), images.shape[-2:])
@@ -282,14 +284,8 @@ class SSRSAM(nn.Module):
 
     def decode_prompt(self, features: list[torch.Tensor], out_size, prompt: torch.Tensor) -> torch.Tensor:
         """Mask logits [B, *out_size] of one prompt set [n, d] decoded alone (retrieval)."""
-        compressed, _ = self.compression([prompt] * self.num_classes)
-        pe = self.prompt_encoder.get_dense_pe()
-        emb = features[-1]
-        dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(1, -1, *emb.shape[-2:])
-        maps = [self.mask_decoder(image_embeddings=emb[b : b + 1], image_pe=pe, sparse_prompt_embeddings=compressed[:1], dense_prompt_embeddings=dense,
-                                  multimask_output=False)[0][:, 0] for b in range(emb.shape[0])]
-        logits = F.interpolate(torch.cat(maps)[:, None], size=(self.img_size, self.img_size), mode="bilinear", align_corners=False)
-        return logits[:, 0, : out_size[0], : out_size[1]]
+        compressed, _ = self.compression([prompt])  # one set: the first query row (a single prompt makes the query irrelevant)
+        return self._masks(features[-1], compressed[:1], out_size)[:, 0]
 
     def load_weights(self, state: dict) -> str:
         """Load a state dict: an official SAM / MobileSAM checkpoint (``image_encoder.*``,
