@@ -1,7 +1,7 @@
 #!/bin/bash
 # One call of the device tool: the named cells of an ACDC GPU protocol side by side on the lent GPU
 # (each `lowlabel bench --in-process --only CELL` in its own process), their records tarred to $OUT.
-# Prepare here first (README "GPU runs"): .gpu/acdc.tar (pack_acdc.py) and .gpu/whl (pydantic's
+# Prepare here first (benchmarks/README.md, "A lent GPU machine in one call"): .gpu/acdc.tar (pack_acdc.py) and .gpu/whl (pydantic's
 # wheels: the machine's Python lacks pydantic). Then, with the tool, carry [".gpu"] and run e.g.
 #   CELLS="unimatch__ssl-labeled-3__s1 supervised__ssl-labeled-3__s1" LIMIT=535 bash benchmarks/device/acdc_gpu_cells.sh
 # LIMIT (s) stops every cell in time for the tar: a stopped cell brings back its metrics, not a test score.
