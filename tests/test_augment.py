@@ -37,6 +37,21 @@ def test_strong_changes_only_colours():
     assert out.shape == img.shape and not torch.equal(out, img) and 0 <= out.min() and out.max() <= 1
 
 
+def test_strong_view_of_a_multiband_image():
+    """5 bands: the RGB bands get exactly the RGB view (same draws), the other bands the same
+    brightness / contrast / blur; 1- and 2-band images get no colour operation."""
+    img = torch.rand(5, 20, 20)
+    for seed in range(12):
+        out = strong(img, np.random.default_rng(seed))
+        assert out.shape == img.shape and torch.allclose(out[:3], strong(img[:3].clone(), np.random.default_rng(seed)), atol=1e-6)
+    dim = img * 0.5  # brightness factors <= 1.5 clip nothing
+    bright = strong(dim, np.random.default_rng(0), jitter=(0.5, 0, 0, 0), p_jitter=1.0, p_grey=0, p_blur=0)
+    f = bright[0, 0, 0] / dim[0, 0, 0]
+    assert abs(f - 1) > 0.01 and torch.allclose(bright, dim * f, atol=1e-5)  # every band, one factor
+    two = torch.rand(2, 20, 20)
+    assert strong(two, np.random.default_rng(1), p_jitter=1.0).shape == two.shape
+
+
 def test_unlabeled_views():
     s = UnlabeledTransform(32, n_strong=2, cutmix_p=1.0)({k: v for k, v in _sample().items() if k != "mask"}, np.random.default_rng(0))
     assert s["strong"].shape == (2, 3, 32, 32) and s["cutmix"].shape == (2, 32, 32) and s["cutmix"].any()

@@ -46,3 +46,8 @@ def test_bad_values_are_rejected(tmp_path):
         load_config(raw={"data": {"root": "x"}, "optim": {"lrr": 1}})
     with pytest.raises(ValueError, match="key.path=value"):
         load_config(raw={"data": {"root": "x"}}, overrides=["nonsense"])
+    with pytest.raises(ValueError, match="SAM, which takes RGB"):
+        load_config(raw={"data": {"root": "x", "bands": [1, 2, 3, 4]}, "model": {"in_channels": 4}, "method": {"name": "sesam"}})
+    with pytest.raises(ValueError, match="band numbers counted from 1"):
+        load_config(raw={"data": {"root": "x", "bands": [0, 1, 2]}})
+    assert load_config(raw={"data": {"root": "x", "bands": [4, 3, 2, 1, 5]}, "model": {"in_channels": 5}}).model.in_channels == 5

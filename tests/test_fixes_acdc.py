@@ -170,7 +170,7 @@ def test_unet2d_size_and_grey_input():
         assert m(torch.rand(1, 3, 50, 70)).shape == (1, 4, 50, 70)
     assert len(m.encode(x)) == 5 and m.decode_features(m.encode(x)).shape[1] == m.feature_channels == 16
     with pytest.raises(ValueError, match="in_channels"):
-        build_model("unet2d", num_classes=2, in_channels=2)
+        build_model("unet2d", num_classes=2, in_channels=0)
 
 
 def _coded(h=40, w=60):

@@ -58,6 +58,30 @@ def test_pretrained_from_local_file(tmp_path):
         build_model("unet", "resnet18", num_classes=2, pretrained=tmp_path / "other.pt")
 
 
+def test_multiband_networks_and_rgb_weights_fitted_to_them(tmp_path):
+    """in_channels 4 (RGB + NIR): the first three channels are normalised as RGB, the fourth as
+    grey; RGB weights load with zeros on band 4, so the loaded network's output on RGB + any NIR
+    equals the RGB network's on RGB. A grey network gets the RGB filters summed. A wrong number
+    of channels is refused by name."""
+    src = build_model("unet", "resnet18", num_classes=2).eval()
+    torch.save(src.encoder.state_dict(), tmp_path / "rgb.pt")
+    four = build_model("unet", "resnet18", num_classes=2, in_channels=4, pretrained=tmp_path / "rgb.pt").eval()
+    four.decoder_net.load_state_dict(src.decoder_net.state_dict())
+    four.head.load_state_dict(src.head.state_dict())
+    assert four.mean.flatten().tolist()[:3] == pytest.approx([0.485, 0.456, 0.406]) and four.mean.flatten()[3] == pytest.approx(0.449, abs=1e-3)
+    w = four.encoder.state_dict()["conv1.weight"]
+    assert w.shape[1] == 4 and torch.equal(w[:, :3], src.encoder.state_dict()["conv1.weight"]) and not w[:, 3].any()
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(four(torch.cat([x, torch.rand(1, 1, 64, 64)], 1)), src(x), atol=1e-5)
+    grey = build_model("unet", "resnet18", num_classes=2, in_channels=1, pretrained=tmp_path / "rgb.pt")
+    assert torch.allclose(grey.encoder.state_dict()["conv1.weight"], src.encoder.state_dict()["conv1.weight"].sum(1, keepdim=True))
+    with pytest.raises(ValueError, match="takes 4 channel"):
+        four(x)
+    with pytest.raises(ValueError, match="takes RGB"):
+        build_model("ssr-sam", "scratch", num_classes=2, in_channels=4)
+
+
 def test_unknown_arch_and_encoder():
     with pytest.raises(ValueError, match="unknown model arch"):
         build_model("nope", "resnet18", 2)

@@ -35,7 +35,7 @@ class DataConfig(_Strict):
     weak: str | None = Field(None, description="train on these weak labels instead of masks/ (a name in dataset.json's weak_labels, e.g. 'scribbles', 'refined')")
     weak_confidence: Literal["none", "weight", "ignore"] = Field("none", description="with weak labels that have confidence maps (refine's): per-pixel loss weight, or ignore pixels below min_confidence")
     min_confidence: float = Field(0.5, ge=0.0, le=1.0, description="data.weak_confidence=ignore: pixels below this confidence are ignored")
-    bands: list[int] | None = Field(None, description="1-based raster bands in the order the network sees them, e.g. [3, 2, 1] (read by rasterio, the geo extra); None: the image as PIL reads it, in RGB")
+    bands: list[int] | None = Field(None, description="1-based raster bands in the order the network sees them, e.g. [3, 2, 1] (read by rasterio, the geo extra); one band is seen as grey, three as RGB, any other number as that many channels (set model.in_channels to it; put the RGB bands first: photometric augmentation treats the first three as colour); None: the image as PIL reads it, in RGB")
     value_range: tuple[float, float] | None = Field(None, description="with bands: the (low, high) raw values mapped to 0..255 for 16-bit / float rasters; None: each image's 2-98 percentiles")
     crop: int = 256
     window: bool = Field(False, description="read each training image through a random window of ceil(crop / scale[0]) pixels (the largest extent one crop can cover) instead of decoding it whole: rasters (GeoTIFF, COG, JPEG 2000, VRT) read only that window; for huge images. Not with resize or base_size")
@@ -69,8 +69,8 @@ class DataConfig(_Strict):
     @field_validator("bands")
     @classmethod
     def _bands(cls, v):
-        if v is not None and (len(v) not in (1, 3) or any(b < 1 for b in v)):
-            raise ValueError(f"give 1 or 3 band numbers, counted from 1 (the networks take 1 or 3 channels), got {v}")
+        if v is not None and (not v or any(b < 1 for b in v)):
+            raise ValueError(f"give band numbers counted from 1, e.g. [3, 2, 1] or [1, 2, 3, 4], got {v}")
         return v
 
     @field_validator("crop")
@@ -86,7 +86,7 @@ class ModelConfig(_Strict):
     encoder: str = "resnet18"
     pretrained: str | None = Field(None, description="local weights file (never downloaded)")
     width: int = Field(16, ge=1)  # only for the own archs: 'tiny' and 'unet2d' (first level's channels)
-    in_channels: Literal[1, 3] = Field(3, description="3: RGB; 1: grey data (the network sees the mean of the channels)")
+    in_channels: int = Field(3, ge=1, le=64, description="3: RGB; 1: grey data (the network sees the mean of the channels); any other number: multi-band rasters, one channel per band of data.bands (e.g. 4 for RGB + NIR)")
     options: dict[str, Any] = Field(default_factory=dict, description="the architecture's own settings (arch ssr-sam: lowlabel.models.ssr_sam.SSRSAMOptions)")
 
 
@@ -153,6 +153,18 @@ class Config(_Strict):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _channels_match_bands(self):
+        """Beyond grey and RGB, the network takes exactly the bands the data selects."""
+        n, c = (len(self.data.bands) if self.data.bands else None), self.model.in_channels
+        if n is not None and n not in (1, 3) and c != n:
+            raise ValueError(f"data.bands selects {n} bands: set model.in_channels: {n} (the network sees every selected band)")
+        if c not in (1, 3) and n != c:
+            raise ValueError(f"model.in_channels: {c} takes {c} raster bands: list them in data.bands (e.g. {list(range(1, c + 1))})")
+        if c not in (1, 3) and (self.method.name in ("sesam", "ssr_sam", "ssr_sam_labeled") or self.model.arch == "ssr-sam"):
+            raise ValueError(f"{self.method.name} / {self.model.arch} run SAM, which takes RGB: use model.in_channels 1 or 3 (data.bands with 1 or 3 bands)")
+        return self
 
     @model_validator(mode="after")
     def _eval_like_training(self):

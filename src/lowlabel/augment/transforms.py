@@ -183,20 +183,38 @@ def weak(sample: dict, rng: np.random.Generator, size: int, scale=(0.5, 2.0), ba
 
 def strong(image: torch.Tensor, rng: np.random.Generator, jitter=(0.5, 0.5, 0.5, 0.25), p_jitter=0.8, p_grey=0.2, p_blur=0.5, sigma=(0.1, 2.0)) -> torch.Tensor:
     """UniMatch's strong photometric view of a float [3, H, W] image: colour jitter (p=0.8),
-    random grey (p=0.2), Gaussian blur with sigma in [0.1, 2.0] (p=0.5)."""
-    img = image
+    random grey (p=0.2), Gaussian blur with sigma in [0.1, 2.0] (p=0.5).
+
+    A multi-band image [C, H, W] (C != 3, ``data.bands``) gets the same view with the same random
+    draws: the colour operations (saturation, hue, grey) act on its first three channels, the
+    RGB bands by convention, and not at all on a 1- or 2-band image; brightness and contrast act
+    on every other band too, with the same factor, each band's contrast about its own mean (as a
+    grey image's); the blur on all channels. UniMatch defines the view for RGB only: this is
+    lowlabel's extension."""
+    rgb, rest = (image[:3], image[3:]) if image.shape[0] >= 3 else (None, image)
+
+    def on(fn, colour_only: bool) -> None:
+        nonlocal rgb, rest
+        if rgb is not None:
+            rgb = fn(rgb)
+        if not colour_only and rest.shape[0]:
+            rest = fn(rest[:, None])[:, 0]  # each extra band as a grey image
+
     if rng.random() < p_jitter:
         b, c, s, hue = jitter
-        ops = [
-            lambda x: TF.adjust_brightness(x, float(rng.uniform(max(0, 1 - b), 1 + b))),
-            lambda x: TF.adjust_contrast(x, float(rng.uniform(max(0, 1 - c), 1 + c))),
-            lambda x: TF.adjust_saturation(x, float(rng.uniform(max(0, 1 - s), 1 + s))),
-            lambda x: TF.adjust_hue(x, float(rng.uniform(-hue, hue))),
+        ops = [  # (draw the factor, apply it, colour only)
+            (lambda: float(rng.uniform(max(0, 1 - b), 1 + b)), TF.adjust_brightness, False),
+            (lambda: float(rng.uniform(max(0, 1 - c), 1 + c)), TF.adjust_contrast, False),
+            (lambda: float(rng.uniform(max(0, 1 - s), 1 + s)), TF.adjust_saturation, True),
+            (lambda: float(rng.uniform(-hue, hue)), TF.adjust_hue, True),
         ]
         for i in rng.permutation(4):
-            img = ops[i](img)
-    if rng.random() < p_grey:
-        img = TF.rgb_to_grayscale(img, num_output_channels=3)
+            draw, fn, colour_only = ops[i]
+            f = draw()
+            on(lambda x: fn(x, f), colour_only)
+    if rng.random() < p_grey and rgb is not None:
+        rgb = TF.rgb_to_grayscale(rgb, num_output_channels=3)
+    img = rest if rgb is None else (torch.cat([rgb, rest]) if rest.shape[0] else rgb)
     if rng.random() < p_blur:
         sd = float(rng.uniform(*sigma))
         k = 2 * math.ceil(3 * sd) + 1

@@ -146,9 +146,9 @@ def check_image_file(path: str | os.PathLike) -> None:
 
 def read_image(path: str | os.PathLike, bands: Sequence[int] | None = None, value_range: tuple[float, float] | None = None) -> np.ndarray:
     """An image as uint8 [H, W, 3]; grey and palette images are expanded to RGB. With ``bands``
-    (1-based), a raster read by rasterio: those bands in that order, non-uint8 data scaled from
-    ``value_range`` (default: the image's 2-98 percentiles) to 0..255
-    (:class:`lowlabel.data.raster.RasterReader`)."""
+    (1-based), a raster read by rasterio: those bands in that order (uint8 [H, W, len(bands)];
+    one band as three equal channels), non-uint8 data scaled from ``value_range`` (default: the
+    image's 2-98 percentiles) to 0..255 (:class:`lowlabel.data.raster.RasterReader`)."""
     if bands is not None:
         from .raster import RasterReader, have_rasterio
 
@@ -166,6 +166,14 @@ def read_image(path: str | os.PathLike, bands: Sequence[int] | None = None, valu
         arr = ((arr - lo) / max(hi - lo, 1e-6) * 255).astype(np.uint8)
         return np.repeat(arr[..., None], 3, axis=2)
     return np.asarray(img.convert("RGB"))
+
+
+def as_rgb(image: np.ndarray) -> np.ndarray:
+    """uint8 [H, W, 3] to look at: the first three channels of a multi-band image (the RGB bands
+    by the ``data.bands`` convention), a grey image's band repeated."""
+    if image.ndim == 2:
+        image = image[..., None]
+    return image[..., :3] if image.shape[2] >= 3 else np.repeat(image[..., :1], 3, axis=2)
 
 
 def _windowed(path: Path) -> bool:
@@ -483,7 +491,7 @@ def check_class_range(arr: np.ndarray, num_classes: int, path) -> None:
 
 
 def to_tensors(sample: dict) -> dict:
-    """numpy sample -> torch sample: image float[3,H,W] in [0,1], label maps int64[H,W]."""
+    """numpy sample -> torch sample: image float[C,H,W] in [0,1] (C = 3, or the bands of a multi-band raster), label maps int64[H,W]."""
     out = {}
     for k, v in sample.items():
         if k == "image" and isinstance(v, np.ndarray):

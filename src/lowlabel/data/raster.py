@@ -43,10 +43,11 @@ def have_rasterio() -> bool:
 
 
 class RasterReader:
-    """Windows of a raster file as uint8 [h, w, 3] (the :class:`WindowReader` protocol).
+    """Windows of a raster file as uint8 [h, w, C] (the :class:`WindowReader` protocol).
 
     ``bands``: 1-based band indexes, in the order the network sees them (default: the first
-    three, or the single band repeated for grey rasters). ``value_range``: (lo, hi) mapped to
+    three, or the single band repeated for grey rasters). One band is read as three equal
+    channels (grey); any other number as that many channels (C = ``len(bands)``). ``value_range``: (lo, hi) mapped to
     0..255 for non-uint8 data; default: the 2nd and 98th percentiles of a decimated read of the
     selected bands (at most ``stats_side`` pixels on the long side), the usual display stretch of
     16-bit satellite scenes. Attributes ``crs``, ``transform`` and ``georeferenced`` describe
@@ -121,7 +122,7 @@ class RasterReader:
             lo, hi = self.value_range
             arr = ((arr.astype(np.float32) - lo) * (255.0 / (hi - lo))).clip(0, 255).round()
         arr = np.moveaxis(arr.astype(np.uint8), 0, 2)
-        return np.repeat(arr, 3, axis=2) if arr.shape[2] == 1 else arr[..., :3]
+        return np.repeat(arr, 3, axis=2) if arr.shape[2] == 1 else arr
 
     def valid(self, y0: int, x0: int, h: int, w: int) -> np.ndarray:
         """bool [h, w]: False where every selected band is nodata (or masked)."""

@@ -98,31 +98,35 @@ def window_weights(h: int, w: int, kind: str = "gaussian", sigma_scale: float = 
 
 
 class WindowReader(Protocol):
-    """Anything that reads RGB windows of a (possibly huge) image."""
+    """Anything that reads windows of a (possibly huge) image: RGB, or the bands of a raster."""
 
     height: int
     width: int
 
     def read(self, y0: int, x0: int, h: int, w: int) -> np.ndarray:
-        """uint8 [h, w, 3]."""
+        """uint8 [h, w, 3] (or [h, w, C] for a multi-band raster)."""
 
 
 class ArrayReader:
-    """Windows of an in-memory (or memory-mapped) [H, W, 3] array."""
+    """Windows of an in-memory (or memory-mapped) [H, W, C] array, as ``channels`` channels: a
+    grey array's band repeated, the first ``channels`` of a wider one (RGBA's alpha dropped for
+    an RGB network; a multi-band network takes its ``in_channels``)."""
 
-    def __init__(self, array: np.ndarray):
+    def __init__(self, array: np.ndarray, channels: int = 3):
         if array.ndim == 2:
             array = array[..., None]
         if array.shape[2] == 1:
             array = np.repeat(array, 3, axis=2) if not isinstance(array, np.memmap) else array
-        self.array = array
+        if max(array.shape[2], 3) < channels:
+            raise ValueError(f"the network takes {channels} channels; the image has {array.shape[2]}")
+        self.array, self.channels = array, channels
         self.height, self.width = array.shape[:2]
 
     def read(self, y0: int, x0: int, h: int, w: int) -> np.ndarray:
         win = np.asarray(self.array[y0 : y0 + h, x0 : x0 + w])
         if win.shape[2] == 1:
             win = np.repeat(win, 3, axis=2)
-        return win[..., :3]
+        return win[..., : self.channels]
 
 
 def open_reader(path: str | os.PathLike, bands=None, value_range=None) -> WindowReader:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..config import Config, EvalConfig
-from ..data.dataset import IMAGE_EXTENSIONS, DatasetError, check_image_file, FolderDataset, write_label
+from ..data.dataset import IMAGE_EXTENSIONS, DatasetError, FolderDataset, as_rgb, check_image_file, write_label
 from ..data.validate import require_valid
 from ..data.tiling import WindowReader, open_reader
 from ..eval.inference import Prediction, for_eval, sliding_window
@@ -173,7 +173,7 @@ class Run:
 
     def overlay(self, image: np.ndarray, labels: np.ndarray, alpha: float = 0.5) -> np.ndarray:
         pal = np.array(self.palette + [(0, 0, 0)] * (256 - len(self.palette)), dtype=np.float32)
-        return (image.astype(np.float32) * (1 - alpha) + pal[labels] * alpha).clip(0, 255).astype(np.uint8)
+        return (as_rgb(image).astype(np.float32) * (1 - alpha) + pal[labels] * alpha).clip(0, 255).astype(np.uint8)
 
     def predict_folder(self, images: str | Path, out: str | Path, *, overlays: bool = True, progress: bool = False, confidence: bool = False,
                        vector: str | None = None, min_area: float = 0.0, simplify: float = 0.0) -> list[Path]:
@@ -229,7 +229,7 @@ class Run:
                 path = out / f"{f.stem}.png"
                 write_label(path, pred.labels, self.palette)
                 if overlays:
-                    img = reader.read(0, 0, reader.height, reader.width) if not hasattr(reader, "array") else np.asarray(reader.array)[..., :3]
+                    img = reader.read(0, 0, reader.height, reader.width) if not hasattr(reader, "array") else np.asarray(reader.array)
                     ov = out / "overlays" / f"{f.stem}.jpg"
                     ov.parent.mkdir(parents=True, exist_ok=True)
                     tmp = ov.with_name(f".{ov.name}.tmp.jpg")

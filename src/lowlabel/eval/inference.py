@@ -47,6 +47,13 @@ def for_eval(model, eval_cfg):
     return Resized(model, eval_cfg.resize) if getattr(eval_cfg, "resize", None) else model
 
 
+def _channels(model) -> int:
+    """How many channels of an array the network takes: 3 for RGB and grey networks (a grey one
+    averages them), ``in_channels`` for a multi-band one (also behind :class:`Resized`)."""
+    c = getattr(model, "in_channels", None) or getattr(getattr(model, "model", None), "in_channels", None) or 3
+    return 3 if c in (1, 3) else int(c)
+
+
 @torch.no_grad()
 def sliding_window(
     model: Callable[[torch.Tensor], torch.Tensor],
@@ -65,8 +72,10 @@ def sliding_window(
     """Predict a whole image window by window.
 
     Args:
-        model: maps float images [B, 3, h, w] in [0, 1] to logits [B, C, h, w].
-        image: uint8 [H, W, 3] array, float [3, H, W] tensor in [0, 1], or a window reader.
+        model: maps float images [B, 3, h, w] in [0, 1] (a multi-band network: [B, in_channels,
+            h, w]) to logits [B, C, h, w].
+        image: uint8 [H, W, 3] array, float [3, H, W] tensor in [0, 1], or a window reader (or
+            the same with a multi-band network's channels).
         num_classes: C.
         tile, overlap: the :class:`TileGrid`.
         weighting: ``gaussian`` or ``uniform`` stitching weights; softmax probabilities of
@@ -78,9 +87,9 @@ def sliding_window(
     """
     if isinstance(image, torch.Tensor):
         arr = (image.detach().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-        reader: WindowReader = ArrayReader(arr)
+        reader: WindowReader = ArrayReader(arr, _channels(model))
     elif isinstance(image, np.ndarray):
-        reader = ArrayReader(image)
+        reader = ArrayReader(image, _channels(model))
     else:
         reader = image
     H, W = reader.height, reader.width

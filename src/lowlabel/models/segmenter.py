@@ -12,7 +12,10 @@ Images are float [B, 3, H, W] in [0, 1]; the network normalises them itself (Ima
 std, the convention of the encoders' published weights). A network built with ``in_channels=1``
 (grey data: MRI, EM, X-ray) takes the mean of the three channels — the grey level itself, since
 grey images are stored as three equal channels — and normalises it with the mean of ImageNet's
-means and stds, so its first layer does not carry three times the weights for one signal. Methods perturb features as
+means and stds, so its first layer does not carry three times the weights for one signal. With
+any other ``in_channels`` (a multi-band raster, e.g. RGB + near-infrared: ``data.bands`` with that
+many bands) the network takes that many channels, the first three normalised as RGB, the rest as
+grey (:func:`channel_stats`). Methods perturb features as
 ``decode(dropout(encode(x)))`` and read ``decode_features`` (RegionMatch's region pooling,
 DerProp's projection) — the model has no method-specific flags.
 """
@@ -31,6 +34,19 @@ from .instance import INSTANCE_ARCHS, build_instance_model
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
+
+
+def channel_stats(in_channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (mean, std) of the input normalisation: ImageNet's for RGB; for grey (1) and
+    for every band beyond the first three of a multi-band raster, the mean of ImageNet's means and
+    stds (such a band is a grey image stretched to 0..1 like the others). A 2-band input is two
+    grey bands."""
+    grey_m, grey_s = sum(MEAN) / 3, sum(STD) / 3
+    if in_channels < 3:
+        return torch.full((in_channels,), grey_m), torch.full((in_channels,), grey_s)
+    return (torch.tensor(MEAN + (grey_m,) * (in_channels - 3)), torch.tensor(STD + (grey_s,) * (in_channels - 3)))
+
+
 # name -> smp class name. A plain dict of builders (as segment-anything's sam_model_registry).
 SMP_ARCHS = {"deeplabv3plus": "DeepLabV3Plus", "unet": "Unet", "segformer": "Segformer", "fpn": "FPN"}
 OWN_ARCHS = ("tiny", "unet2d")
@@ -48,16 +64,19 @@ class Segmenter(nn.Module):
 
     def __init__(self, in_channels: int = 3):
         super().__init__()
-        if in_channels not in (1, 3):
-            raise ValueError(f"in_channels must be 1 (grey) or 3 (RGB), got {in_channels}")
+        if in_channels < 1:
+            raise ValueError(f"in_channels must be at least 1, got {in_channels}")
         self.in_channels = in_channels
-        mean, std = (torch.tensor(MEAN), torch.tensor(STD)) if in_channels == 3 else (torch.tensor(MEAN).mean(0, True), torch.tensor(STD).mean(0, True))
+        mean, std = channel_stats(in_channels)
         self.register_buffer("mean", mean.view(1, in_channels, 1, 1), persistent=False)
         self.register_buffer("std", std.view(1, in_channels, 1, 1), persistent=False)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         if self.in_channels == 1 and images.shape[1] != 1:
             images = images.mean(1, keepdim=True)
+        elif images.shape[1] != self.in_channels:
+            raise ValueError(f"the network takes {self.in_channels} channel(s), got images with {images.shape[1]} "
+                             "(model.in_channels must equal the number of data.bands)")
         return (images - self.mean) / self.std
 
     def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -263,9 +282,11 @@ def build_model(
             vit_l, vit_h, vit_t or scratch; ``options``: :class:`~lowlabel.models.ssr_sam.SSRSAMOptions`).
         encoder: any smp encoder name (tested: resnet18/50/101, mobilenet_v2, mit_b0); ignored by
             ``unet2d`` and ``tiny``; resnet18/34/50 for ``maskrcnn``.
-        in_channels: 3 (RGB) or 1 (grey: the network sees the mean of the image's channels).
+        in_channels: 3 (RGB), 1 (grey: the network sees the mean of the image's channels) or
+            the number of bands of a multi-band raster (RGB first; :func:`channel_stats`).
         pretrained: a local file with weights — a whole-model state dict, or an encoder-only one
-            (e.g. ImageNet weights converted for the encoder). Never downloads.
+            (e.g. ImageNet weights converted for the encoder); RGB weights of the first
+            convolution are fitted to other ``in_channels`` (:func:`_first_conv`). Never downloads.
     """
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
@@ -293,6 +314,21 @@ def build_model(
     return model
 
 
+def _first_conv(rgb: torch.Tensor, own: torch.Tensor) -> torch.Tensor | None:
+    """RGB weights of a first convolution [O, 3, k, k] fitted to ``own``'s input channels, or None
+    if they are not such weights: for grey input (1 channel) their sum over colours, which gives
+    the response they had to a grey RGB image (two grey bands share it); for more bands, the RGB weights on the first three
+    channels and zeros on the rest, so the pretrained network's response to the RGB bands is kept
+    and the extra bands' weights are learned from zero."""
+    if rgb.dim() != 4 or own.dim() != 4 or rgb.shape[1] != 3 or own.shape[1] == 3 or rgb.shape[0] != own.shape[0] or rgb.shape[2:] != own.shape[2:]:
+        return None
+    if own.shape[1] < 3:  # grey band(s): the grey response, shared evenly
+        return (rgb.sum(1, keepdim=True) / own.shape[1]).expand_as(own).clone()
+    out = torch.zeros_like(own)
+    out[:, :3] = rgb
+    return out
+
+
 def load_pretrained(model: Segmenter, path: str | os.PathLike) -> None:
     """Load a local weights file into the whole model or, failing that, its encoder."""
     path = Path(path)
@@ -315,6 +351,7 @@ def load_pretrained(model: Segmenter, path: str | os.PathLike) -> None:
             continue
         own = target.state_dict()
         match = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+        match.update({k: _first_conv(v, own[k]) for k, v in state.items() if k in own and k not in match and _first_conv(v, own[k]) is not None})
         if len(match) >= 0.9 * len(own) or (target is not model and len(match) >= 0.9 * len(state)):
             target.load_state_dict(match, strict=False)
             return

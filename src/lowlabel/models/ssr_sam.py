@@ -196,6 +196,8 @@ class SSRSAM(nn.Module):
 
         from .segmenter import MEAN, STD
 
+        if in_channels not in (1, 3):
+            raise ValueError(f"ssr-sam's SAM encoder takes RGB (in_channels 3) or grey (1), got {in_channels}")
         self.options = o = SSRSAMOptions(**(options or {}))
         self.arch, self.num_classes, self.in_channels, self.encoder_name = "ssr-sam", num_classes, in_channels, encoder
         self.encoder, self.img_size = build_sam_encoder(encoder, o.img_size)
