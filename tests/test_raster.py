@@ -338,3 +338,17 @@ def test_semi_supervised_methods_train_on_four_bands(tmp_path, method):
     raw = tiny_config(root, tmp_path / "runs", method, "self", iterations=2, data={"bands": [1, 2, 3, 4]}, model={"in_channels": 4})
     run = fit(load_config(raw=raw), progress=False)
     assert run.model.in_channels == 4 and 0 <= run.evaluate(split="test")["miou"] <= 1
+
+
+def test_gdal_block_cache_is_capped_unless_the_user_sets_it(tmp_path, rgb, monkeypatch):
+    """GDAL's default block cache (5 % of RAM) would grow with the raster read; lowlabel caps it."""
+    from lowlabel.data.raster import GDAL_CACHE_BYTES
+
+    monkeypatch.delenv("GDAL_CACHEMAX", raising=False)
+    rasterio.env.set_gdal_config("GDAL_CACHEMAX", 2 * GDAL_CACHE_BYTES)
+    RasterReader(_geotiff(tmp_path / "a.tif", rgb)).close()
+    assert rasterio.env.get_gdal_config("GDAL_CACHEMAX") == GDAL_CACHE_BYTES
+    monkeypatch.setenv("GDAL_CACHEMAX", "512")
+    rasterio.env.set_gdal_config("GDAL_CACHEMAX", 2 * GDAL_CACHE_BYTES)
+    RasterReader(tmp_path / "a.tif").close()
+    assert rasterio.env.get_gdal_config("GDAL_CACHEMAX") == 2 * GDAL_CACHE_BYTES

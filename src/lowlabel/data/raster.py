@@ -6,7 +6,8 @@ uint16 / float data to uint8, and the nodata mask. :class:`GeoTiffSink` receives
 prediction as :func:`lowlabel.eval.inference.sliding_window` finishes them and writes a tiled,
 compressed GeoTIFF with the source's CRS and transform, the class palette as its colour map and
 255 as nodata (pixels the source marks nodata are not predicted), then lays it out as a Cloud
-Optimized GeoTIFF; memory stays at one band of rows whatever the image size.
+Optimized GeoTIFF; memory stays at one band of rows whatever the image size (GDAL's block
+cache is capped: :func:`_gdal_setup`).
 
 rasterio is the ``geo`` extra: without it, ``open_reader`` keeps its PIL / tifffile paths.
 """
@@ -25,13 +26,27 @@ from .dataset import DatasetError
 RASTER_EXTENSIONS = (".tif", ".tiff", ".jp2", ".vrt", ".img")
 
 
-def _not_georeferenced_is_fine() -> None:
-    """Whole slides and plain TIFFs have no georeferencing by design: GDAL's warning about it is noise."""
+GDAL_CACHE_BYTES = 128 * 2**20
+
+
+def _gdal_setup() -> None:
+    """Before lowlabel's first raster I/O in a process:
+
+    - whole slides and plain TIFFs have no georeferencing by design: GDAL's warning about it is
+      noise;
+    - GDAL keeps decoded blocks in a cache of 5 % of the RAM by default, which one window-by-window
+      pass over a big raster fills (measured: +273 MB resident reading a 100 MP GeoTIFF once, so
+      +1.2 GB on this 24 GB machine at 1 GP), so the cache is capped at 128 MB, more than the
+      blocks one row of 512-pixel windows of an 80,000-pixel-wide mosaic needs; a user's own
+      ``GDAL_CACHEMAX`` environment variable wins."""
     import warnings
 
+    import rasterio.env
     from rasterio.errors import NotGeoreferencedWarning
 
     warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
+    if "GDAL_CACHEMAX" not in os.environ and rasterio.env.get_gdal_config("GDAL_CACHEMAX") != GDAL_CACHE_BYTES:
+        rasterio.env.set_gdal_config("GDAL_CACHEMAX", GDAL_CACHE_BYTES)
 
 
 def have_rasterio() -> bool:
@@ -59,7 +74,7 @@ class RasterReader:
         import rasterio
         from rasterio.errors import RasterioIOError
 
-        _not_georeferenced_is_fine()
+        _gdal_setup()
         self.path = Path(path)
         try:
             self.ds = rasterio.open(self.path)
@@ -153,6 +168,7 @@ class GeoTiffSink:
     def __init__(self, path: str | os.PathLike, reader: RasterReader, palette: Sequence[Sequence[int]], *, confidence: bool = False, block: int = 256):
         import rasterio
 
+        _gdal_setup()
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")

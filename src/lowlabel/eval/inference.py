@@ -1,10 +1,12 @@
 """Sliding-window inference over images of any size.
 
-Windows are run row by row. Each row's weighted logits are added into a band buffer that spans
-only the rows still open; rows that no later window touches are finalised (divided by the
-weight sum) and written out. Memory therefore holds the windows in flight, one band of
-``tile`` rows of class scores, and the output (labels + confidence, or probabilities when asked)
-— never the full-resolution float logits of a huge image unless ``return_probs`` asks for them.
+Windows are run row by row, left to right. Their weighted softmax scores are summed in a strip
+that spans one row of windows and only the columns still open; columns that no later window of
+the row touches are closed: their rows that no later row of windows touches are final (divided by
+the weight sum, labels and confidence kept), the overlap rows are carried to the next row.
+Memory therefore holds the windows in flight, the carried overlap (C x overlap rows x width
+floats) and one row of finished labels — never the full-resolution float scores of a huge image
+unless ``return_probs`` asks for them.
 """
 
 from __future__ import annotations
@@ -101,34 +103,50 @@ def sliding_window(
     conf = None if sink else np.zeros((H, W), dtype=np.float16)
     probs_out = torch.zeros(num_classes, H, W) if return_probs else None
 
-    band = torch.zeros(num_classes, 0, W, device=device)  # rows [band_top, band_top + band.shape[1])
-    band_w = torch.zeros(0, W, device=device)
-    band_top = 0
+    # Scores are summed in a strip: the current row of windows' rows [y0, y0 + th) and only the
+    # columns still open, [s0, s0 + strip width). When the next window starts at column x, the
+    # strip's columns left of x are complete for this row of windows: their rows above the next
+    # row of windows are final (labels and confidence into the row buffers), the rest (the
+    # overlap with the next row) go to `carry`, from which the next row's strip starts. What
+    # grows with the image width is `carry` (C x overlap rows x W floats) and the finished rows
+    # (3 bytes a pixel); what grows with its height, nothing.
     rows = list(grid.rows())
+    keep_max = max([th - (b[0] - a[0]) for a, b in zip(rows, rows[1:])] or [0])
+    carry = torch.zeros(num_classes, keep_max, W, device=device)
+    carry_w = torch.zeros(keep_max, W, device=device)
     done = 0
-
-    def flush(upto: int) -> None:
-        nonlocal band, band_w, band_top
-        n = upto - band_top
-        if n <= 0:
-            return
-        p = band[:, :n] / band_w[:n].clamp_min(1e-12)
-        c, lab = p.max(0)
-        lab_np, c_np = lab.cpu().numpy().astype(dtype), c.cpu().numpy().astype(np.float16)
-        if sink:
-            sink(band_top, lab_np, c_np)
-        else:
-            labels[band_top:upto] = lab_np
-            conf[band_top:upto] = c_np
-        if probs_out is not None:
-            probs_out[:, band_top:upto] = p.cpu()
-        band, band_w, band_top = band[:, n:], band_w[n:], upto
-
     for r, (y0, windows) in enumerate(rows):
-        need = y0 + th - (band_top + band.shape[1])
-        if need > 0:
-            band = torch.cat([band, torch.zeros(num_classes, need, W, device=device)], 1)
-            band_w = torch.cat([band_w, torch.zeros(need, W, device=device)], 0)
+        next_top = rows[r + 1][0] if r + 1 < len(rows) else H
+        n, keep_in = next_top - y0, (th - (y0 - rows[r - 1][0]) if r else 0)
+        keep_out = th - n
+        lab_rows, conf_rows = np.empty((n, W), dtype), np.empty((n, W), np.float16)
+        strip = torch.zeros(num_classes, th, 0, device=device)
+        strip_w = torch.zeros(th, 0, device=device)
+        s0 = 0
+
+        def extend(upto: int) -> None:  # open the columns [s0 + strip width, upto), carrying the previous row's sums
+            nonlocal strip, strip_w
+            a = s0 + strip.shape[2]
+            if upto <= a:
+                return
+            new, new_w = torch.zeros(num_classes, th, upto - a, device=device), torch.zeros(th, upto - a, device=device)
+            new[:, :keep_in], new_w[:keep_in] = carry[:, :keep_in, a:upto], carry_w[:keep_in, a:upto]
+            strip, strip_w = torch.cat([strip, new], 2), torch.cat([strip_w, new_w], 1)
+
+        def finish(upto: int) -> None:  # close the columns [s0, upto)
+            nonlocal strip, strip_w, s0
+            k = upto - s0
+            if k <= 0:
+                return
+            p = strip[:, :n, :k] / strip_w[:n, :k].clamp_min(1e-12)
+            c, lab = p.max(0)
+            lab_rows[:, s0:upto], conf_rows[:, s0:upto] = lab.cpu().numpy(), c.cpu().numpy()
+            if probs_out is not None:
+                probs_out[:, y0 : y0 + n, s0:upto] = p.cpu()
+            if keep_out > 0:
+                carry[:, :keep_out, s0:upto], carry_w[:keep_out, s0:upto] = strip[:, n:, :k], strip_w[n:, :k]
+            strip, strip_w, s0 = strip[:, :, k:], strip_w[:, k:], upto
+
         for i in range(0, len(windows), batch_size):
             chunk = windows[i : i + batch_size]
             batch = np.stack([reader.read(y, x, h, w) for (y, x, h, w) in chunk])
@@ -137,12 +155,16 @@ def sliding_window(
             if logits.shape[1] != num_classes or logits.shape[-2:] != (th, tw):
                 raise ValueError(f"model returned {tuple(logits.shape)}, expected [B, {num_classes}, {th}, {tw}]")
             p = logits.float().softmax(1) * wt
+            extend(max(x + w for (_, x, _, w) in chunk))
             for k, (y, x, h, w) in enumerate(chunk):
-                band[:, y - band_top : y - band_top + h, x : x + w] += p[k]
-                band_w[y - band_top : y - band_top + h, x : x + w] += wt
+                strip[:, :, x - s0 : x - s0 + w] += p[k]
+                strip_w[:, x - s0 : x - s0 + w] += wt
+            finish(windows[i + batch_size][1] if i + batch_size < len(windows) else W)
             done += len(chunk)
             if progress:
                 progress(done, len(grid))
-        next_top = rows[r + 1][0] if r + 1 < len(rows) else H
-        flush(next_top)
+        if sink:
+            sink(y0, lab_rows, conf_rows)
+        else:
+            labels[y0:next_top], conf[y0:next_top] = lab_rows, conf_rows
     return Prediction(labels, conf, probs_out)
