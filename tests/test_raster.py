@@ -352,3 +352,55 @@ def test_gdal_block_cache_is_capped_unless_the_user_sets_it(tmp_path, rgb, monke
     rasterio.env.set_gdal_config("GDAL_CACHEMAX", 2 * GDAL_CACHE_BYTES)
     RasterReader(tmp_path / "a.tif").close()
     assert rasterio.env.get_gdal_config("GDAL_CACHEMAX") == 2 * GDAL_CACHE_BYTES
+
+
+def _geo_dataset(root, src):
+    """The tiny PNG dataset ``src`` as GeoTIFF scenes with GeoTIFF label rasters on their grid."""
+    for d in ("images", "masks"):
+        (root / d).mkdir(parents=True)
+    for p in sorted((src / "images").glob("*.png")):
+        _geotiff(root / "images" / f"{p.stem}.tif", np.moveaxis(np.asarray(Image.open(p).convert("RGB")), 2, 0))
+        _geotiff(root / "masks" / f"{p.stem}.tif", np.asarray(Image.open(src / "masks" / f"{p.stem}.png"))[None])
+    (root / "splits").symlink_to(src / "splits")
+    (root / "dataset.json").write_text((src / "dataset.json").read_text())
+    return root
+
+
+def test_label_geotiffs_on_the_image_grid_train_and_score(tmp_path):
+    """masks/<id>.tif (a label raster from a GIS) is read like a PNG mask; a run trains on it, and
+    `evaluate` scores `predict`'s GeoTIFF output against it (255 = not predicted is left out and
+    counted). A label raster in another CRS, off the image's grid, or of floats is named."""
+    from lowlabel.api import fit
+    from lowlabel.config import load_config
+    from lowlabel.data.dataset import FolderDataset
+    from lowlabel.data.validate import validate_dataset
+    from lowlabel.eval.evaluate import evaluate_folder
+
+    from .conftest import make_dataset, tiny_config
+
+    src = make_dataset(tmp_path / "png")
+    root = _geo_dataset(tmp_path / "geo", src)
+    assert validate_dataset(root).problems == []
+    ds = FolderDataset(root, "train")
+    assert np.array_equal(ds.load(0)["mask"], np.asarray(Image.open(src / "masks" / "img00.png")))
+    run = fit(load_config(raw=tiny_config(root, tmp_path / "runs", "supervised", "none", iterations=20)), progress=False)
+    (pred,) = run.predict_folder(root / "images" / "img05.tif", tmp_path / "pred")
+    assert pred.suffix == ".tif"
+    scores = evaluate_folder(tmp_path / "pred", root, "test")
+    assert scores["miou"] == pytest.approx(run.evaluate(split="test")["miou"], abs=1e-6) and scores["unpredicted_pixels"] == 0
+    with rasterio.open(pred, "r+", IGNORE_COG_LAYOUT_BREAK="YES") as o:  # a nodata corner: not predicted
+        o.write(np.full((1, 10, 10), 255, np.uint8), window=rasterio.windows.Window(0, 0, 10, 10))
+    mask = np.asarray(Image.open(src / "masks" / "img05.png"))
+    assert evaluate_folder(tmp_path / "pred", root, "test")["unpredicted_pixels"] == int((mask[:10, :10] != 255).sum())
+
+    m = root / "masks" / "img01.tif"
+    arr = np.asarray(Image.open(src / "masks" / "img01.png"))[None]
+    for bad, problem in ((dict(crs="EPSG:4326"), "CRS EPSG:4326 differs"), (dict(transform=from_origin(330001.0, 2790000.0, 0.5, 0.5)), "transform"),
+                         (dict(dtype="float32"), "integer class ids")):
+        with rasterio.open(m, "w", driver="GTiff", height=arr.shape[1], width=arr.shape[2], count=1, dtype=bad.get("dtype", "uint8"),
+                           crs=bad.get("crs", CRS), transform=bad.get("transform", TRANSFORM)) as d:
+            d.write(arr.astype(bad.get("dtype", "uint8")))
+        found = [p for p in validate_dataset(root).problems if p.path.endswith("img01.tif")]
+        assert len(found) == 1 and problem in found[0].problem, (problem, found)
+        with pytest.raises(DatasetError, match=problem):
+            FolderDataset(root, "train").load(1)

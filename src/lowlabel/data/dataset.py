@@ -33,6 +33,44 @@ from ..errors import DatasetError  # noqa: F401  (re-exported: the data layer's 
 
 IGNORE_INDEX = 255
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+LABEL_EXTENSIONS = (".png", ".tif", ".tiff")  # label maps: PNG, or a label raster (GeoTIFF) from a GIS
+
+
+def label_path(folder: str | os.PathLike, sid: str) -> Path:
+    """The label map of ``sid`` in ``folder``: ``<id>.png``, or ``<id>.tif`` / ``<id>.tiff`` (a
+    label GeoTIFF as a GIS exports it); the PNG name when there is none (for messages)."""
+    folder = Path(folder)
+    for ext in LABEL_EXTENSIONS:
+        if (folder / f"{sid}{ext}").is_file():
+            return folder / f"{sid}{ext}"
+    return folder / f"{sid}.png"
+
+
+def label_files(folder: str | os.PathLike) -> list[Path]:
+    """Every label map in ``folder`` (PNG and GeoTIFF), sorted."""
+    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in LABEL_EXTENSIONS) if Path(folder).is_dir() else []
+
+
+def check_label_grid(label: str | os.PathLike, image: str | os.PathLike) -> None:
+    """A label GeoTIFF must lie on its image's grid: where both are georeferenced, the same CRS
+    and transform (pixel (i, j) of the one is pixel (i, j) of the other); the size is checked
+    where the pixels are read. PNG label maps carry no grid and pass."""
+    from .raster import RASTER_EXTENSIONS, have_rasterio
+
+    label, image = Path(label), Path(image)
+    if label.suffix.lower() not in (".tif", ".tiff") or image.suffix.lower() not in RASTER_EXTENSIONS or not have_rasterio():
+        return
+    import rasterio
+
+    with rasterio.open(label) as lab, rasterio.open(image) as img:
+        if lab.crs is None or img.crs is None:
+            return
+        if lab.crs != img.crs:
+            raise DatasetError(label, f"CRS {lab.crs} differs from its image {image.name}'s ({img.crs}): reproject the labels onto the image's grid "
+                                      f"(e.g. gdalwarp -t_srs, -tr, -te of the image)")
+        if not lab.transform.almost_equals(img.transform):
+            raise DatasetError(label, f"transform {tuple(round(v, 6) for v in lab.transform[:6])} differs from its image {image.name}'s "
+                                      f"{tuple(round(v, 6) for v in img.transform[:6])}: the label raster is not on the image's pixel grid")
 TASKS = ("semantic", "instance", "change")
 
 # Large aerial mosaics exceed PIL's decompression-bomb guard (~89 MP); lowlabel reads them on
@@ -212,8 +250,12 @@ def read_label_window(path: str | os.PathLike, window: tuple[int, int, int, int]
                     raise DatasetError(path, f"label maps must be single-channel index images, got {ds.count} bands")
                 if size is not None and (ds.height, ds.width) != tuple(size):
                     raise DatasetError(path, f"size {ds.width}x{ds.height} does not match its image ({size[1]}x{size[0]})")
+                if np.dtype(ds.dtypes[0]).kind not in "ui":
+                    raise DatasetError(path, f"label maps hold integer class ids, got {ds.dtypes[0]}")
                 win = Window(x0, y0, min(w, ds.width - x0), min(h, ds.height - y0))
                 arr = ds.read(1, window=win)
+                if not sixteen_bit and arr.dtype != np.uint8 and arr.size and (arr.min() < 0 or arr.max() > 255):
+                    raise DatasetError(path, "8-bit label map holds values outside 0..255")
     except RasterioError as err:
         if not Path(path).exists():
             raise DatasetError(path, "file not found") from None
@@ -222,7 +264,10 @@ def read_label_window(path: str | os.PathLike, window: tuple[int, int, int, int]
 
 
 def read_label(path: str | os.PathLike, *, sixteen_bit: bool = False) -> np.ndarray:
-    """A label map (mask, scribble or instance ids) as an integer array [H, W]."""
+    """A label map (mask, scribble or instance ids) as an integer array [H, W]: a PNG, or a
+    single-band integer GeoTIFF (read by rasterio when it is installed)."""
+    if Path(path).suffix.lower() in (".tif", ".tiff") and _windowed(Path(path)):
+        return read_label_window(path, (0, 0, 1 << 31, 1 << 31), sixteen_bit=sixteen_bit)
     img = _open(Path(path))
     if img.mode in ("RGB", "RGBA"):
         raise DatasetError(path, f"label maps must be single-channel index images, got mode {img.mode}")
@@ -346,6 +391,7 @@ class FolderDataset(torch.utils.data.Dataset):
         self.window = window
         self._ranges: dict[Path, tuple[float, float] | None] = {}  # a raster's value range, computed once
         self._sizes: dict[str, tuple[int, int]] = {}  # image sizes, read once (window reads)
+        self._on_grid: set[Path] = set()  # label files whose grid matches their image's (checked once)
         self.confidence_folder = None
         if confidence != "none" and labeled:
             folder = self.info.weak_confidence.get(weak) if weak else None
@@ -383,10 +429,10 @@ class FolderDataset(torch.utils.data.Dataset):
         """(sample key, file, 16-bit) of a labeled image's training target: the weak label map
         with ``weak``, else the mask (or the instance map of an instance dataset)."""
         if self.weak_folder():
-            return ("mask", self.root / self.weak_folder() / f"{sid}.png", False)
+            return ("mask", label_path(self.root / self.weak_folder(), sid), False)
         if self.info.task == "instance":
-            return ("instances", self.root / "instances" / f"{sid}.png", True)
-        return ("mask", self.root / "masks" / f"{sid}.png", False)
+            return ("instances", label_path(self.root / "instances", sid), True)
+        return ("mask", label_path(self.root / "masks", sid), False)
 
     def image_size(self, sid: str) -> tuple[int, int]:
         """(height, width) of an image, without decoding its pixels (read once per image)."""
@@ -434,9 +480,12 @@ class FolderDataset(torch.utils.data.Dataset):
         labels: list[tuple[str, Path, bool]] = []
         if self.labeled:
             labels.append(self.label_file(sid))
-        if self.diagnostic_gt and (self.root / "masks" / f"{sid}.png").exists():
-            labels.append(("gt", self.root / "masks" / f"{sid}.png", False))
+        if self.diagnostic_gt and label_path(self.root / "masks", sid).exists():
+            labels.append(("gt", label_path(self.root / "masks", sid), False))
         for key, path, sixteen in labels:
+            if path not in self._on_grid:
+                check_label_grid(path, ipath)
+                self._on_grid.add(path)
             arr = read_label(path, sixteen_bit=sixteen) if window is None else read_label_window(path, window, sixteen_bit=sixteen, size=full)
             if arr.shape != (h, w):
                 raise DatasetError(path, f"size {arr.shape[1]}x{arr.shape[0]} does not match image {ipath.name} ({w}x{h})")

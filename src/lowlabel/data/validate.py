@@ -12,7 +12,10 @@ from .dataset import (
     DatasetError,
     DatasetInfo,
     check_class_range,
+    check_label_grid,
     index_images,
+    label_files,
+    label_path,
     read_ids,
     read_image,
     read_label,
@@ -114,7 +117,7 @@ def validate_dataset(
         for n, (sid, ipath) in enumerate(items):
             if progress:
                 progress(n, len(items))
-            sig = _signature(ipath, [root / folder / f"{sid}.png" for folder, _ in label_dirs]) if cache else None
+            sig = _signature(ipath, [label_path(root / folder, sid) for folder, _ in label_dirs]) if cache else None
             if sig is not None and passed.get(sid) == sig:
                 checked += 1
                 continue
@@ -127,10 +130,11 @@ def validate_dataset(
             checked += 1  # counted as checked once decoded; label problems are listed below
             h, w = img.shape[:2]
             for folder, sixteen in label_dirs:
-                lpath = root / folder / f"{sid}.png"
+                lpath = label_path(root / folder, sid)
                 if not lpath.exists():
                     continue  # labels are optional per image (unlabeled images need none)
                 try:
+                    check_label_grid(lpath, ipath)
                     arr = read_label(lpath, sixteen_bit=sixteen)
                     if arr.shape != (h, w):
                         raise DatasetError(lpath, f"size {arr.shape[1]}x{arr.shape[0]} does not match image {ipath.name} ({w}x{h})")
@@ -151,7 +155,7 @@ def validate_dataset(
         for lbl_dir, _ in label_dirs:
             d = root / lbl_dir
             if d.is_dir():
-                orphans = [p.name for p in sorted(d.glob("*.png")) if p.stem not in images]
+                orphans = [p.name for p in label_files(d) if p.stem not in images]
                 if orphans:
                     problems.append(Problem(str(d), f"{len(orphans)} label file(s) with no image: {', '.join(orphans[:5])}"))
     return Report(info, problems, checked, class_pixels if read_pixels else None)

@@ -26,7 +26,7 @@ from skimage.draw import polygon as fill_polygon
 from skimage.measure import approximate_polygon, find_contours
 from skimage.morphology import skeletonize
 
-from .dataset import IGNORE_INDEX, DatasetInfo, read_ids, read_label, write_label
+from .dataset import IGNORE_INDEX, DatasetInfo, label_files, label_path, read_ids, read_label, write_label
 
 KINDS = ("point", "scribble", "coarse")
 FOLDERS = {"point": "points", "scribble": "scribbles", "coarse": "coarse"}
@@ -105,7 +105,7 @@ def derive_dataset(root: str | os.PathLike, out: str | os.PathLike, ids, *, weak
         masks.unlink()
     masks.mkdir(exist_ok=True)
     hidden = set(ids)
-    for src in sorted((root / "masks").glob("*.png")):
+    for src in label_files(root / "masks"):
         dst = masks / src.name
         if src.stem in hidden:
             dst.unlink(missing_ok=True)
@@ -140,7 +140,7 @@ def weaken_dataset(root: str | os.PathLike, kind: str, out: str | os.PathLike, *
         dest = out / folder / f"{sid}.png"
         if not dest.exists():
             rng = np.random.default_rng([seed, zlib.crc32(sid.encode())])  # per image, independent of order
-            write_label(dest, simulate(read_label(root / "masks" / f"{sid}.png"), kind, info.num_classes, rng, **kwargs), info.palette)
+            write_label(dest, simulate(read_label(label_path(root / "masks", sid)), kind, info.num_classes, rng, **kwargs), info.palette)
         if progress:
             progress(n + 1, len(ids))
     return out

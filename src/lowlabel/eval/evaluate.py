@@ -1,32 +1,40 @@
-"""Scoring predictions (a folder of PNG label maps, or a model) against a dataset split."""
+"""Scoring predictions (a folder of PNG or GeoTIFF label maps, or a model) against a dataset split."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..data.dataset import DatasetError, FolderDataset, read_label
+import numpy as np
+
+from ..data.dataset import DatasetError, FolderDataset, check_label_grid, label_path, read_label
 from .metrics import Scores
 
 
 def evaluate_folder(pred_dir: str | Path, data_root: str | Path, split: str = "test") -> dict:
-    """mIoU etc. of ``pred_dir/<id>.png`` against ``data_root``'s masks for the ids of ``split``.
-    Every id of the split needs a prediction; sizes must match."""
+    """mIoU etc. of ``pred_dir/<id>.png`` (or the ``<id>.tif`` GeoTIFF that ``predict`` writes for
+    a raster) against ``data_root``'s masks for the ids of ``split``. Every id of the split needs a
+    prediction; sizes must match. A GeoTIFF prediction's 255 (nodata: not predicted) pixels are
+    left out of the scores and counted in ``unpredicted_pixels`` where the mask labels them."""
     pred_dir = Path(pred_dir)
     ds = FolderDataset(data_root, split, labeled=True)
-    missing = [i for i in ds.ids if not (pred_dir / f"{i}.png").is_file()]
+    missing = [i for i in ds.ids if not label_path(pred_dir, i).is_file()]
     if missing:
         raise DatasetError(pred_dir, f"{len(missing)} prediction(s) missing for split {split!r}, e.g. {', '.join(missing[:5])}")
     cm = Scores.for_ids(ds.info.num_classes, ds.ids)
+    unpredicted = 0
     for i, sid in enumerate(ds.ids):
-        gt = read_label(ds.root / "masks" / f"{sid}.png")
-        pred = read_label(pred_dir / f"{sid}.png")
+        gt_path, pred_path = label_path(ds.root / "masks", sid), label_path(pred_dir, sid)
+        gt, pred = read_label(gt_path), read_label(pred_path)
         if pred.shape != gt.shape:
-            raise DatasetError(pred_dir / f"{sid}.png", f"size {pred.shape[::-1]} differs from the mask's {gt.shape[::-1]}")
-        if (pred >= ds.info.num_classes).any():
-            raise DatasetError(pred_dir / f"{sid}.png", f"holds class ids >= {ds.info.num_classes}")
-        cm.update(pred, gt, sid)
+            raise DatasetError(pred_path, f"size {pred.shape[::-1]} differs from the mask's {gt.shape[::-1]}")
+        check_label_grid(pred_path, gt_path)
+        nodata = (pred == 255) if pred_path.suffix.lower() != ".png" else np.zeros(pred.shape, bool)
+        if (pred[~nodata] >= ds.info.num_classes).any():
+            raise DatasetError(pred_path, f"holds class ids >= {ds.info.num_classes}")
+        unpredicted += int((nodata & (gt != 255)).sum())
+        cm.update(np.where(nodata, 0, pred), np.where(nodata, 255, gt), sid)
     out = cm.summary(ds.info.classes)
-    out.update({"images": len(ds), "split": split, "dataset": ds.info.name})
+    out.update({"images": len(ds), "split": split, "dataset": ds.info.name, "unpredicted_pixels": unpredicted})
     return out
 
 

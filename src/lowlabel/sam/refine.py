@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.dataset import IGNORE_INDEX, DatasetInfo, read_ids, read_image, read_label, write_label
+from ..data.dataset import IGNORE_INDEX, DatasetInfo, label_path, read_ids, read_image, read_label, write_label
 from ..data.weak import derive_dataset
 from ..errors import ConfigError
 from ..eval.metrics import ConfusionMatrix
@@ -211,7 +211,7 @@ def refine_dataset(
             continue
         t0 = time.time()
         image = read_image(images[sid])
-        weak = read_label(root / weak_folder / f"{sid}.png")
+        weak = read_label(label_path(root / weak_folder, sid))
         emb = cache.get_or_embed(image, segmenter) if cache is not None else segmenter.embed(image)
         t1 = time.time()
         rng = np.random.default_rng([seed, zlib.crc32(sid.encode())])
