@@ -107,6 +107,10 @@ def test_bad_rasters_are_named(tmp_path, rgb):
     empty = _geotiff(tmp_path / "empty.tif", np.zeros((3, 16, 16), np.uint16), nodata=0)
     with pytest.raises(DatasetError, match="nodata"):
         RasterReader(empty)
+    empty8 = _geotiff(tmp_path / "empty8.tif", np.zeros((3, 16, 16), np.uint8), nodata=0)
+    with pytest.raises(DatasetError, match="empty8.tif.*every pixel is nodata"):
+        RasterReader(empty8).check()
+    RasterReader(_geotiff(tmp_path / "some8.tif", np.pad(np.ones((3, 2, 2), np.uint8), ((0, 0), (7, 7), (7, 7))), nodata=0)).check()
 
 
 def test_predict_refuses_a_truncated_raster_before_writing(tmp_path, rgb, capsys):

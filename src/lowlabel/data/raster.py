@@ -122,12 +122,18 @@ class RasterReader:
         except RasterioError as err:
             raise DatasetError(self.path, f"unreadable raster data, truncated or damaged ({str(err).splitlines()[0][:160]})") from None
 
-    def check(self) -> None:
-        """Read the first and the last block: a truncated file fails here, before any output."""
+    def check(self, stats_side: int = 1024) -> None:
+        """Read the first and the last block: a truncated file fails here, before any output; so
+        does a raster whose every pixel is nodata (seen on a decimated read of its mask)."""
         from rasterio.windows import Window
 
         for y, x in ((0, 0), (self.height - 1, self.width - 1)):
             self._read(self.ds.read, list(self.bands), window=Window(x, y, 1, 1))
+        if self.has_nodata:
+            f = max(1, int(np.ceil(max(self.height, self.width) / stats_side)))
+            shape = (len(self.bands), max(1, self.height // f), max(1, self.width // f))
+            if not self._read(self.ds.read_masks, list(self.bands), out_shape=shape).any():
+                raise DatasetError(self.path, "every pixel is nodata: nothing to predict")
 
     def read(self, y0: int, x0: int, h: int, w: int) -> np.ndarray:
         from rasterio.windows import Window
