@@ -166,6 +166,69 @@ def test_fit_fills_the_bank_and_a_reloaded_run_decodes_with_it(tiny_dataset, tmp
         Trainer(load_config(raw=tiny_config(tiny_dataset, tmp_path / "x", "ssr_sam", "self")), progress=False)
 
 
+def test_cache_hit_is_no_encoder_call_and_the_same_embedding():
+    """A frozen encoder with cache_embeddings: a training input seen before is looked up (no
+    encoder call, the same embedding, the same MSPG prompt); a changed pixel is a miss; eval mode
+    bypasses the cache. A trained encoder cannot be cached."""
+    m = _model(train_encoder=False, train_mspg=False, cache_embeddings=True).train()
+    calls = []
+    m.encoder.register_forward_hook(lambda mod, i, o: calls.append(i[0].shape[0]))
+    m.mspg.register_forward_hook(lambda mod, i, o: calls.append(("mspg", i[0].shape[0])))
+    x = torch.rand(2, 3, 48, 48)
+    y = torch.zeros(2, 48, 48, dtype=torch.long)
+    y[:, :20] = 1
+    first = m.encode(x)[0]
+    t1, _ = m.prompts_from(x, y)
+    assert calls == [2, ("mspg", 4)]
+    assert torch.equal(m.encode(x)[0], first) and torch.equal(m.prompts_from(x, y)[0], t1) and calls == [2, ("mspg", 4)]
+    x2 = x.clone()
+    x2[1, 0, 5, 5] += 0.01
+    assert torch.equal(m.encode(x2)[0][0], first[0]) and calls[-1] == 1  # only the changed image is encoded
+    assert m.cache.hits == 2 + 4 + 1 and m.cache.misses == 2 + 4 + 1
+    m.eval()
+    m.encode(x)
+    assert calls[-1] == 2  # eval: no cache
+    uncached = _model(train_encoder=False, train_mspg=False).eval()
+    assert torch.allclose(uncached.encode(x)[0], first, atol=1e-6)
+    with pytest.raises(ValueError, match="train_encoder false"):
+        _model(train_encoder=True, cache_embeddings=True)
+
+
+def test_cutmix_box_snapped_to_the_patch_grid():
+    from lowlabel.methods.ssr_sam import patch_grid_box
+
+    box = torch.zeros(1, 40, 40, dtype=torch.bool)
+    box[0, 5:30, 12:20] = True  # rows 5..29 hold the centres 8, 24; columns 12..19 none (centres 8, 24, 40)
+    cells, snapped = patch_grid_box(box, (4, 4), 16)
+    assert cells.shape == (1, 4, 4) and not cells.any()
+    box[0, :, 20:30] = True  # now column centre 24 is in
+    cells, snapped = patch_grid_box(box, (4, 4), 16)
+    assert cells[0].nonzero().tolist() == [[0, 1], [1, 1]]
+    assert snapped.shape == box.shape and snapped[0, :32, 16:32].all() and snapped.sum() == 32 * 16
+
+
+def test_cached_training_logs_hits_and_mixes_in_feature_space(tiny_dataset, tmp_path):
+    """ssr_sam with a frozen, cached encoder on data.resize views: after the first pass over the
+    data, inputs are looked up (hit rate > 0), and the image term is present. Without
+    data.resize the cache is refused (random views never repeat)."""
+    import json
+
+    from lowlabel.api import fit
+    from lowlabel.config import load_config
+
+    from .conftest import tiny_config
+
+    model = {"arch": "ssr-sam", "encoder": "scratch", "options": {**SCRATCH, "img_size": 32, "train_encoder": False, "train_mspg": False,
+                                                                   "cache_embeddings": True}}
+    raw = tiny_config(tiny_dataset, tmp_path / "runs", "ssr_sam", "self", iterations=6, model=model, eval={"tile": 32}, data={"resize": True})
+    fit(load_config(raw=raw), progress=False)
+    records = [json.loads(line) for line in (tmp_path / "runs" / raw["name"] / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "embedding_cache_hit_rate" in r]
+    assert steps and steps[-1]["embedding_cache_hit_rate"] > 0 and all("loss_s" in r for r in steps)
+    with pytest.raises(ValueError, match="data.resize: true"):
+        load_config(raw={**raw, "data": {**raw["data"], "resize": False}})
+
+
 def test_retrieve_cli_writes_a_mask_per_query(tiny_dataset, tmp_path):
     """lowlabel retrieve: the exemplar's masked region becomes one prompt, decoded alone on each
     query (tiled at the encoder's side); one 0/1 mask and one overlay per query. A semantic run

@@ -167,6 +167,15 @@ class Config(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _cached_embeddings_need_repeated_views(self):
+        """SSR-SAM's embedding cache looks up inputs it has seen: only deterministic views repeat."""
+        if self.model.arch == "ssr-sam" and self.model.options.get("cache_embeddings") and (not self.data.resize or self.data.rotate != "none"):
+            raise ValueError("model.options.cache_embeddings looks up inputs already encoded: set data.resize: true and data.rotate: none "
+                             "(each image, or each patch pre-cut at the encoder's size, seen whole; only a flip varies), since random "
+                             "rescales, crops and rotations never repeat an input")
+        return self
+
+    @model_validator(mode="after")
     def _eval_like_training(self):
         """A model trained on whole resized images is evaluated on whole resized images."""
         if self.data.resize and self.eval.resize is None:

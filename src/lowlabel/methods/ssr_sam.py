@@ -22,6 +22,16 @@ unlabeled term is the mean over the batch's valid pixels of the masked cross-ent
 ``perturbations`` selects the terms for the paper's ablation (Table 4): ``[prompt]``,
 ``[image, feature]``, or all three (default). ``ssr_sam_labeled`` is the labeled-only retrieval
 baseline (eq. 6 alone, the paper's "Labeled Only").
+
+With ``model.options.cache_embeddings`` (a frozen encoder whose outputs are looked up, not
+recomputed) the image perturbation is made in feature space, a deviation from the paper: each of
+the two strong views is the weak view's cached embedding CutMixed with its batch partner's, the
+view's CutMix box snapped to the encoder's 16-pixel patch grid (the pseudo-labels, confidences and
+valid pixels mixed with the snapped box, so labels and features agree); the colour jitter of the
+pixel strong views is left out, since it changes g's input and would need g again. This is not the
+same perturbation: g's attention spreads context across the whole window, and a pixel CutMix would
+give the pasted patch that context, the embedding CutMix keeps each part's own. The prompt and
+feature perturbations are unchanged (they act after g). ``embedding_cache_hit_rate`` is logged.
 """
 
 from __future__ import annotations
@@ -51,6 +61,25 @@ def _check_model(model) -> None:
 
     if model is not None and not isinstance(model, SSRSAM):
         raise ConfigError(f"method ssr_sam trains SSR-SAM's retrieval model: set model.arch=ssr-sam, not {type(model).__name__}")
+
+
+def patch_grid_box(box: torch.Tensor, grid: tuple[int, int], patch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A pixel CutMix box bool [B, H, W] snapped to an encoder's patch grid: (the cells [B, *grid]
+    whose centre pixel is in the box; the box those cells cover, bool [B, H, W]). The grid covers
+    the zero-padded encoder input, whose top-left H x W is the image."""
+    b, h, w = box.shape
+    cells = torch.zeros(b, *grid, dtype=torch.bool, device=box.device)
+    ys, xs = torch.arange(patch // 2, h, patch, device=box.device), torch.arange(patch // 2, w, patch, device=box.device)
+    cells[:, : len(ys), : len(xs)] = box[:, ys][:, :, xs]
+    snapped = cells.repeat_interleave(patch, 1).repeat_interleave(patch, 2)[:, :h, :w]
+    return cells, snapped
+
+
+def _cache_metrics(student, tokens) -> dict[str, float]:
+    out = {"prompts": float(len(tokens))}
+    if student.cache is not None:
+        out["embedding_cache_hit_rate"] = student.cache.hit_rate()
+    return out
 
 
 def labeled_prompts(student, labeled: dict) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
@@ -83,7 +112,7 @@ class SSRSAMLabeledOnly(Method):
         x = labeled["image"]
         loss_x = supervised_loss(student.decode(student.encode(x), x.shape[-2:], prompts), labeled["mask"], self.p.labeled_loss, labeled.get("weight"))
         student.bank.add(tokens, classes)
-        return StepOutput({"loss": loss_x, "loss_x": loss_x.detach()}, {"prompts": float(len(tokens))}, {"x": loss_x})
+        return StepOutput({"loss": loss_x, "loss_x": loss_x.detach()}, _cache_metrics(student, tokens), {"x": loss_x})
 
 
 class SSRSAMMethod(SSRSAMLabeledOnly):
@@ -127,8 +156,12 @@ class SSRSAMMethod(SSRSAMLabeledOnly):
             ls = []
             for k in range(2):
                 box = boxes[:, k]
-                img = mix(box, strong[:, k], mix_partner(strong[:, k]))
-                ls.append(pseudo_loss(student.decode(student.encode(img), size, full), mix(box, pseudo, mix_partner(pseudo)),
+                if student.cache is not None:  # feature-space CutMix of the cached embeddings (module docstring)
+                    cells, box = patch_grid_box(box, feats_u[-1].shape[-2:], 16)
+                    feats_s = [mix(cells, feats_u[-1], mix_partner(feats_u[-1]))]
+                else:
+                    feats_s = student.encode(mix(box, strong[:, k], mix_partner(strong[:, k])))
+                ls.append(pseudo_loss(student.decode(feats_s, size, full), mix(box, pseudo, mix_partner(pseudo)),
                                       mix(box, conf, mix_partner(conf)), mix(box, valid, mix_partner(valid))))
             s = (ls[0] + ls[1]) / 2
             terms["s"], losses["loss_s"] = p.weight_u * p.beta * s, s.detach()
@@ -137,4 +170,4 @@ class SSRSAMMethod(SSRSAMLabeledOnly):
             terms["pp"], losses["loss_pp"] = p.weight_u * p.gamma * pp, pp.detach()
         student.bank.add(tokens, classes)
         return StepOutput({"loss": sum(terms.values()), **losses},
-                          {**pseudo_label_metrics(pseudo, conf, valid, p.threshold, unlabeled.get("gt")), "prompts": float(len(tokens))}, terms)
+                          {**pseudo_label_metrics(pseudo, conf, valid, p.threshold, unlabeled.get("gt")), **_cache_metrics(student, tokens)}, terms)

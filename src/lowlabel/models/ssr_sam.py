@@ -37,6 +37,14 @@ The parts, as the paper has them, and where lowlabel decides what it leaves open
   returns one mask logit map per class (single-mask output); the C maps, stacked, are the class
   logits (softmax over classes, cross-entropy, as the paper's losses imply). One decoder pass per
   class and image, as the reference code.
+- **Frozen encoder = embedding cache** (``cache_embeddings``, issue 13): with g (and the MSPG)
+  frozen, their outputs on training inputs are kept (:class:`EmbeddingCache`) and a repeated input
+  is looked up, not re-encoded. Inputs repeat only where the views are deterministic: the cached
+  recipe is ``data.resize: true`` (each image, or each patch pre-cut at the encoder's size as the
+  paper cuts its 1024² patches, seen whole) whose only randomness is the horizontal flip, so
+  every labeled and unlabeled image has two weak inputs. The strong views' colour jitter changes
+  g's input and cannot be cached: SSR-SAM's method then makes its image perturbation in feature
+  space (CutMix of the cached embeddings; see :mod:`lowlabel.methods.ssr_sam`).
 - **Zero-shot exemplar retrieval** (``Retriever``): the exemplar's masked image through the MSPG
   gives one prompt; with a single prompt eq. 4's attention weight is 1 whatever the query, so the
   compressed prompt is W_v of the projected prompt for any query (no class query is needed for an
@@ -70,6 +78,8 @@ class SSRSAMOptions(BaseModel):
     bank_size: int = Field(64, ge=1)  # prompts kept per class
     min_prompt_pixels: int = Field(16, ge=1)  # a class covering fewer pixels of an image gives no prompt
     mspg_weights: str | None = None  # a local torchvision ViT-B/16 state dict (e.g. ImageNet's vit_b_16) for the MSPG
+    cache_embeddings: bool = False  # frozen g (and MSPG): keep their training outputs, keyed by the exact input (EmbeddingCache)
+    cache_entries: int = Field(1024, ge=1)  # embeddings kept (least recently used dropped): 4 MiB each for SAM at 1024²
 
 
 def _scratch_encoder(img_size: int):
@@ -97,6 +107,57 @@ def build_sam_encoder(name: str, img_size: int | None):
 
         return sam_model_registry[name]().image_encoder, 1024
     raise ValueError(f"unknown SSR-SAM encoder {name!r}; choose from vit_b, vit_l, vit_h, vit_t (MobileSAM), scratch")
+
+
+class EmbeddingCache:
+    """What a frozen network computed in training, kept in memory and keyed by the exact input.
+
+    With the encoder g frozen (the paper's setting), g(x) is a function of the input pixels alone:
+    an input the run has already encoded (the same window of the same image, after the same
+    deterministic view) is looked up instead of re-encoded. Keys are BLAKE2 digests of the input
+    tensor's bytes (exact: a changed pixel is another key); at most ``max_entries`` values are
+    kept, the least recently used dropped first. Only training inputs are cached (``SSRSAM``
+    bypasses the cache in eval mode: a tiled prediction never revisits a window). ``hits`` and
+    ``misses`` count lookups. In memory, not on disk: lowlabel's on-disk SAM cache
+    (:mod:`lowlabel.sam.cache`) keys whole images for ``refine``; training inputs are views.
+    """
+
+    def __init__(self, max_entries: int = 1024):
+        from collections import OrderedDict
+
+        self.max_entries = max_entries
+        self.store: "OrderedDict[bytes, torch.Tensor]" = OrderedDict()
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def key(t: torch.Tensor, extra: bytes = b"") -> bytes:
+        import hashlib
+
+        h = hashlib.blake2b(digest_size=16)
+        h.update(str((tuple(t.shape), t.dtype)).encode() + extra)
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return h.digest()
+
+    def lookup(self, keys: Sequence[bytes], compute) -> torch.Tensor:
+        """Values for ``keys``, stacked; ``compute(indices)`` gives the missing ones (a stacked
+        tensor, in that order) in one call."""
+        missing = [i for i, k in enumerate(keys) if k not in self.store]
+        self.hits += len(keys) - len(missing)
+        self.misses += len(missing)
+        if missing:
+            for i, v in zip(missing, compute(missing)):
+                self.store[keys[i]] = v.detach()
+                self.store.move_to_end(keys[i])
+                if len(self.store) > self.max_entries:
+                    self.store.popitem(last=False)
+        out = []
+        for k in keys:
+            out.append(self.store[k])
+            self.store.move_to_end(k)
+        return torch.stack(out)
+
+    def hit_rate(self) -> float:
+        return self.hits / max(1, self.hits + self.misses)
 
 
 class MSPG(nn.Module):
@@ -212,6 +273,9 @@ class SSRSAM(nn.Module):
         if o.mspg_weights:
             self.load_weights(torch.load(o.mspg_weights, map_location="cpu", weights_only=True))
         self.bank = PromptBank(num_classes, self.mspg.dim, o.bank_size)
+        if o.cache_embeddings and o.train_encoder:
+            raise ValueError("model.options.cache_embeddings keeps a frozen encoder's outputs: it needs train_encoder false")
+        self.cache = EmbeddingCache(o.cache_entries) if o.cache_embeddings else None
         self.feature_channels = 256
         self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1), persistent=False)
@@ -238,7 +302,9 @@ class SSRSAM(nn.Module):
         if self.options.train_encoder:
             return [self.encoder(x)]
         with torch.no_grad():
-            return [self.encoder(x)]
+            if self.cache is None or not self.training:
+                return [self.encoder(x)]
+            return [self.cache.lookup([EmbeddingCache.key(v) for v in x], lambda idx: self.encoder(x[idx]))]
 
     def prompts_from(self, images: torch.Tensor, masks: torch.Tensor, ignore_index: int = 255) -> tuple[torch.Tensor, torch.Tensor]:
         """MSPG over every (image, class) with at least ``min_prompt_pixels`` pixels of the class:
@@ -247,10 +313,18 @@ class SSRSAM(nn.Module):
         pairs = [(b, c) for b in range(len(masks)) for c in range(self.num_classes) if int((masks[b] == c).sum()) >= self.options.min_prompt_pixels]
         if not pairs:
             return x.new_zeros(0, self.mspg.dim), torch.zeros(0, dtype=torch.long, device=x.device)
-        masked = torch.stack([x[b] * (masks[b] == c).to(x.dtype) for b, c in pairs])
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.options.train_mspg):
-            tokens = self.mspg(masked)
-        return tokens, torch.tensor([c for _, c in pairs], device=x.device)
+        def run(sel) -> torch.Tensor:
+            masked = torch.stack([x[b] * (masks[b] == c).to(x.dtype) for b, c in (pairs[i] for i in sel)])
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self.options.train_mspg):
+                return self.mspg(masked)
+
+        classes = torch.tensor([c for _, c in pairs], device=x.device)
+        if self.cache is None or self.options.train_mspg or not self.training:
+            return run(range(len(pairs))), classes
+        image_keys = {b: EmbeddingCache.key(x[b]) for b in {b for b, _ in pairs}}  # a prompt: f(image, class mask), frozen MSPG
+        keys = [EmbeddingCache.key(masks[b] == c, b"mspg" + image_keys[b]) for b, c in pairs]
+        with torch.no_grad():
+            return self.cache.lookup(keys, run), classes
 
     # ------------------------------------------------------------------ h
     def decode_features(self, features: list[torch.Tensor]) -> torch.Tensor:
