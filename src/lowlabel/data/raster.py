@@ -62,8 +62,8 @@ class RasterReader:
 
     ``bands``: 1-based band indexes, in the order the network sees them (default: the first
     three, or the single band repeated for grey rasters). One band is read as three equal
-    channels (grey); any other number as that many channels (C = ``len(bands)``). ``value_range``: (lo, hi) mapped to
-    0..255 for non-uint8 data; default: the 2nd and 98th percentiles of a decimated read of the
+    channels (grey); any other number as that many channels (C = ``len(bands)``).
+    ``value_range``: (lo, hi) mapped to 0..255 for non-uint8 data; default: the 2nd and 98th percentiles of a decimated read of the
     selected bands (at most ``stats_side`` pixels on the long side), the usual display stretch of
     16-bit satellite scenes. Attributes ``crs``, ``transform`` and ``georeferenced`` describe
     the grid; :meth:`valid` is False where the source marks nodata; ``tiled`` is True for a tiled
@@ -104,10 +104,13 @@ class RasterReader:
         else:
             self.value_range = self._percentiles(stats_side)
 
-    def _percentiles(self, side: int) -> tuple[float, float]:
+    def _decimated(self, side: int) -> tuple[int, int, int]:
+        """The out_shape of a read of the selected bands at most ``side`` pixels on the long side."""
         f = max(1, int(np.ceil(max(self.height, self.width) / side)))
-        shape = (len(self.bands), max(1, self.height // f), max(1, self.width // f))
-        arr = self._read(self.ds.read, list(self.bands), out_shape=shape, masked=True)
+        return (len(self.bands), max(1, self.height // f), max(1, self.width // f))
+
+    def _percentiles(self, side: int) -> tuple[float, float]:
+        arr = self._read(self.ds.read, list(self.bands), out_shape=self._decimated(side), masked=True)
         vals = arr.compressed() if np.ma.isMaskedArray(arr) else arr.ravel()
         if vals.size == 0:
             raise DatasetError(self.path, "every pixel is nodata")
@@ -129,11 +132,8 @@ class RasterReader:
 
         for y, x in ((0, 0), (self.height - 1, self.width - 1)):
             self._read(self.ds.read, list(self.bands), window=Window(x, y, 1, 1))
-        if self.has_nodata:
-            f = max(1, int(np.ceil(max(self.height, self.width) / stats_side)))
-            shape = (len(self.bands), max(1, self.height // f), max(1, self.width // f))
-            if not self._read(self.ds.read_masks, list(self.bands), out_shape=shape).any():
-                raise DatasetError(self.path, "every pixel is nodata: nothing to predict")
+        if self.has_nodata and not self._read(self.ds.read_masks, list(self.bands), out_shape=self._decimated(stats_side)).any():
+            raise DatasetError(self.path, "every pixel is nodata: nothing to predict")
 
     def read(self, y0: int, x0: int, h: int, w: int) -> np.ndarray:
         from rasterio.windows import Window

@@ -5,7 +5,8 @@ that spans one row of windows and only the columns still open; columns that no l
 the row touches are closed: their rows that no later row of windows touches are final (divided by
 the weight sum, labels and confidence kept), the overlap rows are carried to the next row.
 Memory therefore holds the windows in flight, the carried overlap (C x overlap rows x width
-floats) and one row of finished labels — never the full-resolution float scores of a huge image
+floats; the edge-aligned last row of windows can overlap its predecessor by more than
+``overlap``) and one row of finished labels — never the full-resolution float scores of a huge image
 unless ``return_probs`` asks for them.
 """
 
