@@ -388,12 +388,12 @@ def test_label_geotiffs_on_the_image_grid_train_and_score(tmp_path):
     ds = FolderDataset(root, "train")
     assert np.array_equal(ds.load(0)["mask"], np.asarray(Image.open(src / "masks" / "img00.png")))
     run = fit(load_config(raw=tiny_config(root, tmp_path / "runs", "supervised", "none", iterations=20)), progress=False)
-    (pred,) = run.predict_folder(root / "images" / "img05.tif", tmp_path / "pred")
+    (pred,) = run.predict_folder(root / "images" / "img05.tif", tmp_path / "pred", confidence=True)  # band 2: confidence
     assert pred.suffix == ".tif"
     scores = evaluate_folder(tmp_path / "pred", root, "test")
     assert scores["miou"] == pytest.approx(run.evaluate(split="test")["miou"], abs=1e-6) and scores["unpredicted_pixels"] == 0
     with rasterio.open(pred, "r+", IGNORE_COG_LAYOUT_BREAK="YES") as o:  # a nodata corner: not predicted
-        o.write(np.full((1, 10, 10), 255, np.uint8), window=rasterio.windows.Window(0, 0, 10, 10))
+        o.write(np.full((10, 10), 255, np.uint8), 1, window=rasterio.windows.Window(0, 0, 10, 10))
     mask = np.asarray(Image.open(src / "masks" / "img05.png"))
     assert evaluate_folder(tmp_path / "pred", root, "test")["unpredicted_pixels"] == int((mask[:10, :10] != 255).sum())
 

@@ -24,7 +24,7 @@ def evaluate_folder(pred_dir: str | Path, data_root: str | Path, split: str = "t
     unpredicted = 0
     for i, sid in enumerate(ds.ids):
         gt_path, pred_path = label_path(ds.root / "masks", sid), label_path(pred_dir, sid)
-        gt, pred = read_label(gt_path), read_label(pred_path)
+        gt, pred = read_label(gt_path), _read_prediction(pred_path)
         if pred.shape != gt.shape:
             raise DatasetError(pred_path, f"size {pred.shape[::-1]} differs from the mask's {gt.shape[::-1]}")
         check_label_grid(pred_path, gt_path)
@@ -36,6 +36,22 @@ def evaluate_folder(pred_dir: str | Path, data_root: str | Path, split: str = "t
     out = cm.summary(ds.info.classes)
     out.update({"images": len(ds), "split": split, "dataset": ds.info.name, "unpredicted_pixels": unpredicted})
     return out
+
+
+def _read_prediction(path: Path):
+    """A prediction's class ids: a PNG label map, or band 1 ("class") of the GeoTIFF that
+    ``predict`` writes (band 2, with ``--confidence``, is the confidence)."""
+    from ..data.raster import have_rasterio
+
+    if path.suffix.lower() in (".tif", ".tiff") and have_rasterio():
+        import rasterio
+
+        with rasterio.open(path) as ds:
+            if ds.count > 1 and ds.descriptions[0] != "class":
+                raise DatasetError(path, f"{ds.count} bands and none described as 'class': not a lowlabel prediction")
+            if ds.count > 1:
+                return ds.read(1)
+    return read_label(path)
 
 
 def metrics_table(summary: dict, title: str = "evaluation"):
