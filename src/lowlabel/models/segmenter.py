@@ -317,9 +317,9 @@ def build_model(
 def _first_conv(rgb: torch.Tensor, own: torch.Tensor) -> torch.Tensor | None:
     """RGB weights of a first convolution [O, 3, k, k] fitted to ``own``'s input channels, or None
     if they are not such weights: for grey input (1 channel) their sum over colours, which gives
-    the response they had to a grey RGB image (two grey bands share it); for more bands, the RGB weights on the first three
-    channels and zeros on the rest, so the pretrained network's response to the RGB bands is kept
-    and the extra bands' weights are learned from zero."""
+    the response they had to a grey RGB image (two grey bands share it); for more bands, the RGB
+    weights on the first three channels and zeros on the rest, so the pretrained network's
+    response to the RGB bands is kept and the extra bands' weights are learned from zero."""
     if rgb.dim() != 4 or own.dim() != 4 or rgb.shape[1] != 3 or own.shape[1] == 3 or rgb.shape[0] != own.shape[0] or rgb.shape[2:] != own.shape[2:]:
         return None
     if own.shape[1] < 3:  # grey band(s): the grey response, shared evenly
