@@ -480,8 +480,9 @@ class FolderDataset(torch.utils.data.Dataset):
         labels: list[tuple[str, Path, bool]] = []
         if self.labeled:
             labels.append(self.label_file(sid))
-        if self.diagnostic_gt and label_path(self.root / "masks", sid).exists():
-            labels.append(("gt", label_path(self.root / "masks", sid), False))
+        gt_path = label_path(self.root / "masks", sid) if self.diagnostic_gt else None
+        if gt_path is not None and gt_path.exists():
+            labels.append(("gt", gt_path, False))
         for key, path, sixteen in labels:
             if path not in self._on_grid:
                 check_label_grid(path, ipath)
