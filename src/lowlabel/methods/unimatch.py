@@ -39,6 +39,9 @@ class UniMatchParams(LossParams):
     weight_x: float = 0.5  # UniMatch code: (loss_x + ...) / 2
     weight_s: float = 0.125  # each strong view: 0.25 / 2
     weight_fp: float = 0.25  # feature perturbation: 0.5 / 2
+    # 1 = a probe, not UniMatch: FixMatch's one CutMix strong view plus the feature-perturbation term
+    # (the second strong view is still augmented by the loader but never forwarded)
+    strong_views: int = Field(2, ge=1, le=2)
 
 
 class UniMatch(Method):
@@ -76,7 +79,7 @@ class UniMatch(Method):
 
         strong, boxes = unlabeled["strong"], unlabeled["cutmix"]
         losses_s = []
-        for k in range(2):
+        for k in range(self.p.strong_views):
             box = boxes[:, k]
             img = mix(box, strong[:, k], mix_partner(strong[:, k]))
             losses_s.append(
@@ -91,9 +94,9 @@ class UniMatch(Method):
             )
         loss_x = supervised_loss(pred_x, labeled["mask"], self.p.labeled_loss, labeled.get("weight"))
         loss_fp = masked_pseudo_loss(pred_fp, pseudo, conf, valid, self.p.threshold, self.p.unlabeled_loss)
-        terms = {"x": self.p.weight_x * loss_x, "s": self.p.weight_s * (losses_s[0] + losses_s[1]), "fp": self.p.weight_fp * loss_fp}
+        terms = {"x": self.p.weight_x * loss_x, "s": self.p.weight_s * sum(losses_s), "fp": self.p.weight_fp * loss_fp}
         return StepOutput(
-            {"loss": sum(terms.values()), "loss_x": loss_x.detach(), "loss_s": ((losses_s[0] + losses_s[1]) / 2).detach(), "loss_fp": loss_fp.detach()},
+            {"loss": sum(terms.values()), "loss_x": loss_x.detach(), "loss_s": (sum(losses_s) / len(losses_s)).detach(), "loss_fp": loss_fp.detach()},
             pseudo_label_metrics(pseudo, conf, valid, self.p.threshold, unlabeled.get("gt")),
             terms,
         )
