@@ -340,3 +340,59 @@ def test_bench_reports_mask_ap_for_instance_protocols(tmp_path):
     md = (tmp_path / "res" / "results.md").read_text()
     assert "test mask AP (%)" in md and "test mIoU" not in md
     assert (tmp_path / "res" / "miou.png").is_file()
+
+
+def test_structural_distillation_matches_structure_not_features():
+    """SD compares cosine self-similarity rows, so a teacher whose features differ from SAM's but
+    share its layout costs nothing, and one that merges SAM's two regions costs."""
+    from lowlabel.methods.instance import structural_distillation
+
+    def layout(u, v, side=16):
+        f = torch.zeros(len(u), side, side)
+        f[:, :, : side // 2] = u.view(-1, 1, 1)
+        f[:, :, side // 2:] = v.view(-1, 1, 1)
+        return f
+
+    e = torch.eye(6)
+    sam = layout(e[0], e[1]).expand(3, -1, -1, -1)  # three queries, each its own (here equal) map
+    idx = torch.tensor([0, 9, 200])  # positions in the left, right and left half
+    same_layout = layout(e[4] * 3, e[5] * 0.5)  # other channels and norms
+    assert structural_distillation(same_layout, sam, idx) < 1e-6
+    merged = torch.ones(6, 8, 8, requires_grad=True)  # half SAM's resolution: interpolated to it
+    loss = structural_distillation(merged, sam, idx)
+    assert loss > 0.1
+    loss.backward()
+    assert merged.grad.abs().sum() > 0
+
+
+def test_sd_trains_the_teacher_with_sam_decoder_features(tmp_path):
+    """SD in a labeled-only run (teacher training) and in S4M's burn-in only (``sd_stage:
+    teacher``), with MobileSAM's real architecture (random weights); refused with the classical
+    backend, which has no decoder."""
+    pytest.importorskip("segment_anything")
+    from lowlabel import fit
+    from lowlabel.config import load_config
+    from lowlabel.errors import ConfigError
+
+    root = make_instance_dataset(tmp_path / "discs", n=6)
+    sd = {"sd": True, "sd_points": 4, "backend": "mobilesam", "allow_random_weights": True}
+    base = {
+        "data": {"root": str(root), "labeled": "2", "crop": 64, "labeled_batch": 2, "unlabeled_batch": 2},
+        "model": {"arch": "maskrcnn"}, "optim": {"name": "adamw", "lr": 1e-4},
+        "train": {"iterations": 2, "val_every": 0, "checkpoint_every": 2, "log_every": 1, "grad_norm_every": 1}, "eval": {"tile": 64},
+    }
+
+    def log(name):
+        return [json.loads(x) for x in (tmp_path / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+
+    fit(load_config(raw={**base, "name": "sup", "out_dir": str(tmp_path / "runs"), "method": {"name": "supervised", "params": sd}}), progress=False)
+    first = log("sup")[0]
+    assert first["loss_sd"] > 0 and np.isclose(first["loss"], first["loss_x"] + first["loss_sd"], rtol=1e-4)
+    assert first["gn_sd"] > 0
+    fit(load_config(raw={**base, "name": "s4m", "out_dir": str(tmp_path / "runs"), "teacher": {"kind": "ema", "decay": 0.9996},
+                         "method": {"name": "s4m", "params": {**sd, "burn_in": 1, "threshold": 0.0}}}), progress=False)
+    burn, after = log("s4m")
+    assert burn["loss_sd"] > 0 and burn["gn_sd"] > 0 and after["loss_sd"] == 0 and "gn_sd" not in after
+    with pytest.raises(ConfigError, match="classical backend has none"):
+        fit(load_config(raw={**base, "name": "bad", "out_dir": str(tmp_path / "runs"),
+                             "method": {"name": "supervised", "params": {"sd": True}}}), progress=False)

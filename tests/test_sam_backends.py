@@ -95,6 +95,28 @@ def test_sam2_whole_path():
     assert one.masks.shape == (1, 1, 256, 512)
 
 
+@pytest.mark.parametrize("backend", ["mobilesam", "sam2"])
+def test_decoder_features_are_prompt_conditioned_and_cover_the_image(backend):
+    """S4M's SD reads the image features after the mask decoder's two-way transformer, one map
+    per prompt, cropped to the grid that covers the image (SAM pads the resized image, SAM 2
+    resizes it to the square)."""
+    pytest.importorskip("sam2" if backend == "sam2" else "segment_anything")
+    seg = build_segmenter(backend)
+    emb = seg.embed(_image())  # 256 x 512
+    f = seg.decoder_features(emb, Prompts(points=[[[150, 100]], [[400, 200]], [[150, 100]]]))
+    assert tuple(f.shape) == ((3, 256, 32, 64) if backend == "mobilesam" else (3, 256, 64, 64))
+    assert torch.equal(f[0], f[2]) and not torch.allclose(f[0], f[1], atol=1e-4)
+    # not the encoder's embedding: the prompt tokens have attended to it
+    if backend == "mobilesam":
+        assert not torch.allclose(f[0], emb.data[0, :, :32, :64], atol=1e-2)
+
+
+def test_classical_backend_has_no_decoder_features():
+    seg = build_segmenter("classical")
+    with pytest.raises(ValueError, match="no mask decoder"):
+        seg.decoder_features(seg.embed(_image()), Prompts(points=[[[150, 100]]]))
+
+
 def test_unknown_backend_and_missing_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="unknown backend"):
         build_segmenter("mobilesam9")

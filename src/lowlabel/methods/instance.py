@@ -1,7 +1,8 @@
 """Methods of the instance task (``model.arch: maskrcnn`` on an instance dataset).
 
 ``s4m`` is S4M's teacher-student training with its SAM refinement (PR) and copy-paste (ARP);
-see :class:`S4M`. ``supervised`` trains the instance model on the labeled images' instance maps: each crop's
+see :class:`S4M`. Structural distillation (SD, ``sd: true``) is a loss of teacher training: of
+``supervised`` (the teacher row), and of ``s4m``'s burn-in; see :func:`structural_distillation`. ``supervised`` trains the instance model on the labeled images' instance maps: each crop's
 instances (at least ``min_size`` pixels — a crop keeps slivers of the objects it cuts) become
 Mask R-CNN targets, and the loss is the sum of Mask R-CNN's terms (RPN objectness and box,
 classification, box regression, mask BCE).
@@ -13,6 +14,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from pydantic import Field
 
 from ..models.instance import instance_targets
@@ -21,6 +23,14 @@ from .base import Method, MethodParams, StepOutput
 
 class InstanceParams(MethodParams):
     min_size: int = Field(5, ge=1)  # pixels an instance needs to be a target (S4M sec. 5.1's size threshold of 5)
+    sd: bool = False  # SD: structural distillation from SAM's decoder features in teacher training (S4M sec. 4.1)
+    sd_weight: float = Field(1.0, gt=0)  # lambda of L_SD (the paper does not give it; our choice)
+    sd_points: int = Field(16, ge=1)  # random query points per image, each prompted alone (the paper does not give it; our choice)
+    sd_stage: Literal["teacher", "student", "both"] = "teacher"  # s4m: SD in burn-in, after it, or both (Table 5; teacher-only is best)
+    backend: Literal["classical", "sam", "mobilesam", "sam2"] = "classical"  # PR's promptable segmenter and SD's meta-teacher (the paper: SAM 2 Hiera-L)
+    checkpoint: str | None = None  # local weights of a neural backend (or LOWLABEL_SAM_CHECKPOINT)
+    model_type: str | None = None
+    allow_random_weights: bool = False  # a neural backend without a checkpoint: for timing and tests only
 
 
 def batch_targets(batch: dict, min_size: int) -> list[dict]:
@@ -32,16 +42,107 @@ def summed(losses: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.stack([v for v in losses.values()]).sum()
 
 
-class InstanceSupervised(Method):
-    """Labeled-only instance training: the "teacher" row of S4M's tables (its burn-in stage)."""
+def to_uint8(image: torch.Tensor) -> np.ndarray:
+    """float [3, H, W] in [0, 1] -> uint8 [H, W, 3], what a promptable segmenter embeds."""
+    return (image.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().cpu().numpy()
+
+
+def self_similarity_rows(feats: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rows ``idx`` (flat positions, long [N]) of the cosine self-similarity matrix of ``feats``
+    [C, h, w]: float [N, h * w], each row the similarity of one query position to every position."""
+    f = F.normalize(feats.flatten(1), dim=0)
+    return f[:, idx].T @ f
+
+
+def structural_distillation(teacher_feats: torch.Tensor, sam_feats: torch.Tensor, idx: torch.Tensor, delta: float = 1.0) -> torch.Tensor:
+    """S4M's SD loss (sec. 4.1, eqs. 1-2) on one image: the teacher's feature map [C, H', W'] is
+    interpolated (bilinear) to SAM's decoder-feature grid [rows, cols]; query i's row of the
+    teacher's cosine self-similarity matrix is matched, by the Huber function, to the same row of
+    the self-similarity of SAM's decoder features obtained with query i's point as the prompt
+    (``sam_feats`` [N, C', rows, cols], one map per query); the mean over queries and positions.
+    Huber's delta (1, torch's default) is not given in the paper."""
+    t = F.interpolate(teacher_feats[None], size=sam_feats.shape[-2:], mode="bilinear", align_corners=False)[0]
+    s_t = self_similarity_rows(t, idx)
+    s_s = torch.stack([self_similarity_rows(sam_feats[i], idx[i:i + 1])[0] for i in range(len(idx))]).to(s_t)
+    return F.huber_loss(s_t, s_s, delta=delta)
+
+
+class InstanceMethod(Method):
+    """What the instance methods share: Mask R-CNN's labeled loss, the promptable segmenter
+    (PR's and SD's) built at attach, and SD on the labeled images."""
 
     Params = InstanceParams
     task = "instance"
+    needs_run = True
+
+    def __init__(self, params=None, *, num_classes: int, model=None):
+        super().__init__(params, num_classes=num_classes, model=model)
+        self.segmenter = None
+        self.seed = 0
+
+    def needs_segmenter(self) -> bool:
+        return self.p.sd
+
+    def attach(self, run) -> None:
+        from ..errors import ConfigError
+
+        p = self.p
+        self.seed = run.seed
+        if p.sd and p.backend == "classical":
+            raise ConfigError("method.params.sd (structural distillation) distils SAM's mask-decoder features: the classical backend has none; "
+                              "set method.params.backend to sam, mobilesam or sam2 with a checkpoint")
+        if self.needs_segmenter():
+            from ..sam import build_segmenter
+
+            self.segmenter = build_segmenter(p.backend, checkpoint=p.checkpoint, model_type=p.model_type, device=str(run.device))
+            if self.segmenter.weights_id.startswith("random") and not p.allow_random_weights:
+                raise ConfigError(f"method.params.backend={p.backend!r} has no checkpoint (method.params.checkpoint or LOWLABEL_SAM_CHECKPOINT): "
+                                  "its masks would be random; give one, or set method.params.allow_random_weights=true to test the pipeline")
+
+    def sd_loss(self, images: torch.Tensor, feats: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        """SD on a batch: ``feats`` [B, C, H', W'] is the network's stride-4 FPN level over the
+        images [B, 3, H, W] (Mask R-CNN's analogue of Mask2Former's per-pixel features); per image,
+        ``sd_points`` points drawn uniformly over it each prompt SAM alone."""
+        from ..sam import Prompts
+
+        losses = []
+        h, w = images.shape[-2:]
+        for i in range(len(images)):
+            emb = self.segmenter.embed(to_uint8(images[i]))
+            pts = (rng.random((self.p.sd_points, 2)) * [w, h]).astype(np.float32)  # (x, y)
+            sam = self.segmenter.decoder_features(emb, Prompts(points=pts[:, None, :]))
+            rows, cols = sam.shape[-2:]
+            r = np.minimum((pts[:, 1] * rows / h).astype(int), rows - 1)
+            c = np.minimum((pts[:, 0] * cols / w).astype(int), cols - 1)
+            losses.append(structural_distillation(feats[i], sam.to(feats.device), torch.as_tensor(r * cols + c, device=feats.device)))
+        return torch.stack(losses).mean()
+
+    def labeled_loss(self, student, labeled: dict, ctx, sd: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
+        """Mask R-CNN's summed losses on the labeled batch, their parts, and (``sd``) L_SD on the
+        features of the same forward pass."""
+        images = labeled["image"]
+        feats = [] if sd else None
+        parts = student.losses(images, batch_targets(labeled, self.p.min_size), features=feats)
+        loss = summed(parts)
+        if not sd:
+            return loss, parts, None
+        h, w = images.shape[-2:]
+        level = feats[0]["0"][:, :, : -(-h // 4), : -(-w // 4)]  # the batch is padded bottom-right to a multiple of 32
+        return loss, parts, self.sd_loss(images, level, np.random.default_rng([self.seed, ctx.iteration, 1]))
+
+
+class InstanceSupervised(InstanceMethod):
+    """Labeled-only instance training: the "teacher" row of S4M's tables (its burn-in stage),
+    with S4M's structural distillation when ``sd`` (the whole run is teacher training)."""
 
     def training_step(self, student, teacher, labeled, unlabeled, ctx):
-        parts = student.losses(labeled["image"], batch_targets(labeled, self.p.min_size))
-        loss = summed(parts)
-        return StepOutput({"loss": loss, "loss_x": loss.detach(), **{k: v.detach() for k, v in parts.items()}}, terms={"x": loss})
+        loss_x, parts, sd = self.labeled_loss(student, labeled, ctx, self.p.sd)
+        logs = {"loss_x": loss_x.detach(), **{k: v.detach() for k, v in parts.items()}}
+        terms = {"x": loss_x}
+        if sd is not None:
+            terms["sd"] = self.p.sd_weight * sd
+            logs["loss_sd"] = sd.detach()
+        return StepOutput({"loss": sum(terms.values()), **logs}, terms=terms)
 
 
 class S4MParams(InstanceParams):
@@ -52,10 +153,6 @@ class S4MParams(InstanceParams):
     refine: bool = False  # PR: SAM refines each pseudo-mask from points sampled by its probabilities (sec. 4.2)
     points: int = Field(5, ge=1)  # points per pseudo-instance for PR (the paper's number is not given; our choice)
     arp: bool = False  # ARP: bidirectional copy-paste of (refined) pseudo-instances between image pairs (sec. 4.3)
-    backend: Literal["classical", "sam", "mobilesam", "sam2"] = "classical"  # PR's promptable segmenter (the paper: SAM 2 Hiera-L)
-    checkpoint: str | None = None  # local weights of a neural backend (or LOWLABEL_SAM_CHECKPOINT)
-    model_type: str | None = None
-    allow_random_weights: bool = False  # a neural backend without a checkpoint: for timing and tests only
 
 
 def pair_partner(n: int) -> torch.Tensor:
@@ -82,7 +179,7 @@ def copy_paste(images: torch.Tensor, ids: torch.Tensor, partner: torch.Tensor) -
     return new_images, new_ids
 
 
-class S4M(Method):
+class S4M(InstanceMethod):
     """S4M (``../shared/papers/s4m-semi-supervised-instance-segmentation-with-sam.md``) on Mask R-CNN.
 
     Teacher-student base (sec. 3, GuidedDistillation): an EMA teacher (decay 0.9996, the paper's)
@@ -102,38 +199,29 @@ class S4M(Method):
     to each image before the paste, not to the pasted image (each pasted region keeps its own
     image's colour perturbation).
 
-    Not here: SD (structural distillation, sec. 4.1) needs a neural SAM's decoder features and
-    pretrained weights to distil from; it is not implemented. All detection terms of Mask R-CNN
-    (box regression included) enter the unsupervised loss, as Mask2Former's whole loss does in
-    the paper.
+    SD (sec. 4.1, :func:`structural_distillation`), ``sd: true``: the labeled loss of teacher
+    training gains ``sd_weight`` x L_SD, from SAM's decoder features (a neural backend). Teacher
+    training is the burn-in here (``sd_stage: teacher``, the paper's best, Table 5), or a
+    ``supervised`` run with ``sd`` whose checkpoint is ``model.pretrained`` (``burn_in: 0``);
+    ``student`` / ``both`` add it after the burn-in too. All detection terms of Mask R-CNN (box
+    regression included) enter the unsupervised loss, as Mask2Former's whole loss does in the
+    paper.
     """
 
     Params = S4MParams
-    task = "instance"
     uses_unlabeled = True
     n_strong = 1
     default_teacher = "ema"
-    needs_run = True
 
-    def __init__(self, params=None, *, num_classes: int, model=None):
-        super().__init__(params, num_classes=num_classes, model=model)
-        self.segmenter = None
-        self.seed = 0
+    def needs_segmenter(self) -> bool:
+        return self.p.refine or self.p.sd
 
     def attach(self, run) -> None:
         from ..errors import ConfigError
 
-        p = self.p
         if run.teacher_kind != "ema":
             raise ConfigError(f"method s4m pseudo-labels with an EMA teacher (the paper's, decay 0.9996): set teacher.kind=ema, not {run.teacher_kind!r}")
-        self.seed = run.seed
-        if p.refine:
-            from ..sam import build_segmenter
-
-            self.segmenter = build_segmenter(p.backend, checkpoint=p.checkpoint, model_type=p.model_type, device=str(run.device))
-            if self.segmenter.weights_id.startswith("random") and not p.allow_random_weights:
-                raise ConfigError(f"method.params.backend={p.backend!r} has no checkpoint (method.params.checkpoint or LOWLABEL_SAM_CHECKPOINT): "
-                                  "its masks would be random; give one, or set method.params.allow_random_weights=true to test the pipeline")
+        super().attach(run)
 
     @torch.no_grad()
     def pseudo_instances(self, teacher_model, weak: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, dict]:
@@ -157,9 +245,8 @@ class S4M(Method):
             masks = probs > p.mask_threshold
             big = masks.flatten(1).sum(1) >= p.min_size
             probs, scores, masks = probs[big], scores[big], masks[big]
-            if self.segmenter is not None and len(masks):
-                img = (weak[i].permute(1, 2, 0).clamp(0, 1) * 255).round().byte().cpu().numpy()
-                emb = self.segmenter.embed(img)
+            if p.refine and len(masks):
+                emb = self.segmenter.embed(to_uint8(weak[i]))
                 pr = probs.cpu().numpy()
                 sets = [sample_points(m > 0, p.points, "probability", rng, prob=m) for m in pr]
                 ok = [k for k, s in enumerate(sets) if len(s)]
@@ -178,10 +265,17 @@ class S4M(Method):
 
     def training_step(self, student, teacher, labeled, unlabeled, ctx):
         p = self.p
-        parts = student.losses(labeled["image"], batch_targets(labeled, p.min_size))
-        loss_x = summed(parts)
-        if unlabeled is None or ctx.iteration < p.burn_in:
-            return StepOutput({"loss": loss_x, "loss_x": loss_x.detach(), "loss_u": loss_x.detach() * 0}, terms={"x": loss_x})
+        burn = unlabeled is None or ctx.iteration < p.burn_in
+        sd_now = p.sd and (p.sd_stage == "both" or (p.sd_stage == "teacher") == burn)
+        loss_x, _, sd = self.labeled_loss(student, labeled, ctx, sd_now)
+        terms = {"x": loss_x}
+        logs = {"loss_x": loss_x.detach()}
+        if p.sd:
+            logs["loss_sd"] = sd.detach() if sd is not None else loss_x.detach() * 0
+            if sd is not None:
+                terms["sd"] = p.sd_weight * sd
+        if burn:
+            return StepOutput({"loss": sum(terms.values()), **logs, "loss_u": loss_x.detach() * 0}, terms=terms)
         if p.burn_in and ctx.iteration == p.burn_in:  # end of burn-in: the teacher starts from the student
             with torch.no_grad():
                 teacher.model.load_state_dict(student.state_dict())
@@ -191,6 +285,5 @@ class S4M(Method):
             strong, ids = copy_paste(strong, ids, pair_partner(len(ids)).to(ids.device))
         targets = [instance_targets(m, min_size=p.min_size) for m in ids]
         loss_u = summed(student.losses(strong, targets))
-        loss = loss_x + p.weight_u * loss_u
-        return StepOutput({"loss": loss, "loss_x": loss_x.detach(), "loss_u": loss_u.detach()}, metrics,
-                          terms={"x": loss_x, "u": p.weight_u * loss_u})
+        terms["u"] = p.weight_u * loss_u
+        return StepOutput({"loss": sum(terms.values()), **logs, "loss_u": loss_u.detach()}, metrics, terms=terms)

@@ -88,18 +88,26 @@ class InstanceModel(nn.Module):
         return {"backbone": enc, "head": [p for p in self.parameters() if p.requires_grad and id(p) not in ids]}
 
     def features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """FPN features (``"0"`` = stride 4 ... ``"pool"``) of normalised images: what
-        structural distillation compares with SAM's."""
+        """FPN features (``"0"`` = stride 4 ... ``"pool"``) of normalised images (the train-mode
+        pass of BatchNorm re-estimation; SD takes the same features from :meth:`losses`)."""
         x = (images - images.new_tensor(MEAN).view(1, 3, 1, 1)) / images.new_tensor(STD).view(1, 3, 1, 1)
         return self.net.backbone(x)
 
-    def losses(self, images: torch.Tensor, targets: list[dict]) -> dict[str, torch.Tensor]:
+    def losses(self, images: torch.Tensor, targets: list[dict], features: list | None = None) -> dict[str, torch.Tensor]:
         """Mask R-CNN's training losses (RPN objectness and box, classifier, box, mask);
-        ``targets``' labels are 0-based (background is added here)."""
+        ``targets``' labels are 0-based (background is added here). With ``features`` (a list),
+        the FPN features of this same forward pass are appended to it (the batch padded
+        bottom-right to a multiple of 32), for a loss on them without a second backbone pass."""
         if not self.training:
             raise RuntimeError("InstanceModel.losses needs train mode")
         shifted = [{**t, "labels": t["labels"] + 1} for t in targets]
-        return self.net(list(images), shifted)
+        if features is None:
+            return self.net(list(images), shifted)
+        handle = self.net.backbone.register_forward_hook(lambda mod, inp, out: features.append(out))
+        try:
+            return self.net(list(images), shifted)
+        finally:
+            handle.remove()
 
     def forward(self, images: torch.Tensor) -> list[dict] | dict[str, torch.Tensor]:
         """Eval mode: the detections. Train mode: the backbone's features only — the pass that

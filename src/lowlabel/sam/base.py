@@ -99,3 +99,32 @@ class PromptableSegmenter(abc.ABC):
     @abc.abstractmethod
     def segment(self, embedding: Embedding, prompts: Prompts, multimask: bool = True) -> Segments:
         """Masks at the original size for each prompt."""
+
+    def decoder_transformer(self) -> torch.nn.Module | None:
+        """The mask decoder's two-way transformer (SAM's and SAM 2's ``transformer``, whose output
+        is (prompt tokens, image features)); None for a backend that has no decoder."""
+        return None
+
+    def feature_grid(self, embedding: Embedding, side: int) -> tuple[int, int]:
+        """(rows, cols) of the ``side`` x ``side`` decoder-feature grid that cover the image; the
+        rest is padding."""
+        return side, side
+
+    def decoder_features(self, embedding: Embedding, prompts: Prompts) -> torch.Tensor:
+        """float [N, C, rows, cols]: the image features after the mask decoder's two-way
+        transformer, one map per prompt (the prompt-conditioned "decoder features" that S4M's
+        structural distillation compares, sec. 4.1), cropped to the grid that covers the image."""
+        module = self.decoder_transformer()
+        if module is None:
+            raise ValueError(f"backend {self.name!r} has no mask decoder and so no decoder features: use sam, mobilesam or sam2")
+        out = []
+        handle = module.register_forward_hook(lambda mod, inp, res: out.append(res[1]))
+        try:
+            self.segment(embedding, prompts, multimask=False)
+        finally:
+            handle.remove()
+        src = out[0]  # [N, side * side, C]
+        n, hw, c = src.shape
+        side = int(round(hw ** 0.5))
+        rows, cols = self.feature_grid(embedding, side)
+        return src.transpose(1, 2).reshape(n, c, side, side)[:, :, :rows, :cols].float().cpu()

@@ -87,6 +87,15 @@ class SamSegmenter(PromptableSegmenter):
         feats = self.sam.image_encoder(self.sam.preprocess(t))
         return Embedding(feats.cpu(), (h, w), self.name, {"input_size": input_size})
 
+    def decoder_transformer(self):
+        return self.sam.mask_decoder.transformer
+
+    def feature_grid(self, embedding: Embedding, side: int) -> tuple[int, int]:
+        # the resized image (long side 1024) sits top-left of the padded square
+        h, w = embedding.meta["input_size"]
+        stride = self.sam.image_encoder.img_size / side
+        return int(np.ceil(h / stride)), int(np.ceil(w / stride))
+
     @torch.no_grad()
     def segment(self, embedding: Embedding, prompts: Prompts, multimask: bool = True) -> Segments:
         size = embedding.original_size

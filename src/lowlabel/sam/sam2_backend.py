@@ -45,6 +45,9 @@ class Sam2Segmenter(PromptableSegmenter):
         data = {"image_embed": f["image_embed"].cpu(), **{f"high_res_{i}": t.cpu() for i, t in enumerate(f["high_res_feats"])}}
         return Embedding(data, tuple(image.shape[:2]), self.name, {"levels": len(f["high_res_feats"])})
 
+    def decoder_transformer(self):
+        return self.predictor.model.sam_mask_decoder.transformer  # SAM 2 resizes to a square: the whole grid is the image
+
     @torch.no_grad()
     def segment(self, embedding: Embedding, prompts: Prompts, multimask: bool = True) -> Segments:
         p = self.predictor
