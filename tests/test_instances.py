@@ -393,6 +393,9 @@ def test_sd_trains_the_teacher_with_sam_decoder_features(tmp_path):
                          "method": {"name": "s4m", "params": {**sd, "burn_in": 1, "threshold": 0.0}}}), progress=False)
     burn, after = log("s4m")
     assert burn["loss_sd"] > 0 and burn["gn_sd"] > 0 and after["loss_sd"] == 0 and "gn_sd" not in after
+    with pytest.raises(ConfigError, match="burn_in: 0 this run has none"):
+        fit(load_config(raw={**base, "name": "s4m0", "out_dir": str(tmp_path / "runs"), "teacher": {"kind": "ema", "decay": 0.9996},
+                             "method": {"name": "s4m", "params": {**sd, "burn_in": 0}}}), progress=False)
     with pytest.raises(ConfigError, match="classical backend has none"):
         fit(load_config(raw={**base, "name": "bad", "out_dir": str(tmp_path / "runs"),
                              "method": {"name": "supervised", "params": {"sd": True}}}), progress=False)

@@ -221,6 +221,9 @@ class S4M(InstanceMethod):
 
         if run.teacher_kind != "ema":
             raise ConfigError(f"method s4m pseudo-labels with an EMA teacher (the paper's, decay 0.9996): set teacher.kind=ema, not {run.teacher_kind!r}")
+        if self.p.sd and self.p.sd_stage == "teacher" and not self.p.burn_in:
+            raise ConfigError("method.params.sd with sd_stage: teacher distils in teacher training, and with burn_in: 0 this run has none: "
+                              "set burn_in > 0, or train the teacher with sd in a supervised run and give its checkpoint as model.pretrained")
         super().attach(run)
 
     @torch.no_grad()
