@@ -246,3 +246,18 @@ def test_unimatch_feature_perturbation_drops_unet2d_first_level_but_not_an_input
         feats = net.encode(torch.rand(2, 3, 32, 32))
         m.perturbed_decode(Spy(net), feats, (32, 32))
         assert (not torch.equal(seen["first"], feats[0])) == dropped, arch
+
+
+def test_resized_model_sees_the_whole_image_whatever_the_tile():
+    """A model of whole resized images (eval.resize) is given the whole image resized, not tiles
+    of it resized: a tile smaller than the image would hand it zoomed-in crops it never saw."""
+    from lowlabel.eval.inference import Resized, sliding_window
+
+    seen = []
+
+    def model(x):
+        seen.append(tuple(x.shape))
+        return torch.zeros(x.shape[0], 2, *x.shape[-2:])
+
+    sliding_window(Resized(model, 8), torch.rand(3, 40, 60), 2, tile=16)
+    assert seen == [(1, 3, 8, 8)]

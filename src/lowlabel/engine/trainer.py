@@ -213,8 +213,9 @@ class Trainer:
         self.total_epochs = math.ceil(self.total / self.iters_per_epoch)
 
         self.student = build_model(cfg.model.arch, cfg.model.encoder, self.num_classes, cfg.model.pretrained, cfg.model.width, cfg.model.in_channels, cfg.model.options).to(self.device)
-        side = getattr(self.student, "img_size", None)  # a fixed-size encoder (SSR-SAM's): crops and eval tiles must fit it
-        for key, value in (("data.crop", cfg.data.crop), ("eval.tile", cfg.eval.tile)):
+        side = getattr(self.student, "img_size", None)  # a fixed-size encoder (SSR-SAM's): crops and eval windows must fit it
+        window = ("eval.resize", cfg.eval.resize) if cfg.eval.resize else ("eval.tile", cfg.eval.tile)  # with eval.resize the model sees that size
+        for key, value in (("data.crop", cfg.data.crop), window):
             if side and value > side:
                 raise ConfigError(f"{key}={value} exceeds the {cfg.model.arch} encoder's input side {side} (model.options.img_size): set {key} <= {side}")
         self.method = build_method(cfg.method.name, cfg.method.params, num_classes=self.num_classes, model=self.student, task=self.task).to(self.device)

@@ -80,7 +80,8 @@ def sliding_window(
         image: uint8 [H, W, 3] array, float [3, H, W] tensor in [0, 1], or a window reader (or
             the same with a multi-band network's channels).
         num_classes: C.
-        tile, overlap: the :class:`TileGrid`.
+        tile, overlap: the :class:`TileGrid` (a :class:`Resized` model takes the whole image as
+            one window, whatever ``tile``).
         weighting: ``gaussian`` or ``uniform`` stitching weights; softmax probabilities of
             overlapping windows are averaged with these weights.
         return_probs: also return the stitched probabilities [C, H, W] (memory: 4*C*H*W bytes).
@@ -96,6 +97,8 @@ def sliding_window(
     else:
         reader = image
     H, W = reader.height, reader.width
+    if isinstance(model, Resized):  # a model of whole resized images: the image is one window, resized whole
+        tile = max(H, W)
     grid = TileGrid(H, W, tile, overlap)
     th, tw = min(tile, H), min(tile, W)
     wt = window_weights(th, tw, weighting).to(device)
