@@ -105,7 +105,10 @@ def test_decoder_features_are_prompt_conditioned_and_cover_the_image(backend):
     emb = seg.embed(_image())  # 256 x 512
     f = seg.decoder_features(emb, Prompts(points=[[[150, 100]], [[400, 200]], [[150, 100]]]))
     assert tuple(f.shape) == ((3, 256, 32, 64) if backend == "mobilesam" else (3, 256, 64, 64))
-    assert torch.equal(f[0], f[2]) and not torch.allclose(f[0], f[1], atol=1e-4)
+    # the same prompt gives the same map (up to float rounding: CPU kernels may order sums
+    # differently by batch position) and a different prompt a different one
+    assert torch.allclose(f[0], f[2], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(f[0], f[1], atol=1e-2)
     # not the encoder's embedding: the prompt tokens have attended to it
     if backend == "mobilesam":
         assert not torch.allclose(f[0], emb.data[0, :, :32, :64], atol=1e-2)
