@@ -378,7 +378,7 @@ def test_label_geotiffs_on_the_image_grid_train_and_score(tmp_path):
     from lowlabel.config import load_config
     from lowlabel.data.dataset import FolderDataset
     from lowlabel.data.validate import validate_dataset
-    from lowlabel.eval.evaluate import evaluate_folder
+    from lowlabel.eval.evaluate import evaluate_folder, metrics_table
 
     from .conftest import make_dataset, tiny_config
 
@@ -395,7 +395,14 @@ def test_label_geotiffs_on_the_image_grid_train_and_score(tmp_path):
     with rasterio.open(pred, "r+", IGNORE_COG_LAYOUT_BREAK="YES") as o:  # a nodata corner: not predicted
         o.write(np.full((10, 10), 255, np.uint8), 1, window=rasterio.windows.Window(0, 0, 10, 10))
     mask = np.asarray(Image.open(src / "masks" / "img05.png"))
-    assert evaluate_folder(tmp_path / "pred", root, "test")["unpredicted_pixels"] == int((mask[:10, :10] != 255).sum())
+    summary = evaluate_folder(tmp_path / "pred", root, "test")
+    assert summary["unpredicted_pixels"] == int((mask[:10, :10] != 255).sum()) > 0
+    from rich.console import Console
+
+    con = Console(record=True, width=120)
+    con.print(metrics_table(summary))
+    text = con.export_text()
+    assert "not predicted (px, left out)" in text and f"{summary['unpredicted_pixels']:,}" in text
 
     m = root / "masks" / "img01.tif"
     arr = np.asarray(Image.open(src / "masks" / "img01.png"))[None]

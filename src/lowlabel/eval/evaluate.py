@@ -56,7 +56,7 @@ def _read_prediction(path: Path):
 
 def metrics_table(summary: dict, title: str = "evaluation"):
     """A rich table of per-class IoU and Dice, mIoU, mean foreground Dice and pixel accuracy
-    (``-`` for absent classes)."""
+    (``-`` for absent classes), and the count of labeled pixels left unpredicted where any."""
     from rich.table import Table
 
     def pct(v):
@@ -76,5 +76,7 @@ def metrics_table(summary: dict, title: str = "evaluation"):
     if dice:
         t.add_row("[bold]mean foreground Dice", "", f"[bold]{pct(summary.get('dice_mean'))}")
     t.add_row("pixel accuracy", pct(summary["pixel_accuracy"]), *([""] if dice else []))
+    if summary.get("unpredicted_pixels"):  # labeled pixels a GeoTIFF prediction left as nodata
+        t.add_row("[yellow]not predicted (px, left out)", f"[yellow]{summary['unpredicted_pixels']:,}", *([""] if dice else []))
     return t
 
