@@ -2,7 +2,8 @@
 
 ``s4m`` is S4M's teacher-student training with its SAM refinement (PR) and copy-paste (ARP);
 see :class:`S4M`. Structural distillation (SD, ``sd: true``) is a loss of teacher training: of
-``supervised`` (the teacher row), and of ``s4m``'s burn-in; see :func:`structural_distillation`. ``supervised`` trains the instance model on the labeled images' instance maps: each crop's
+``supervised`` (the teacher row), and of ``s4m``'s burn-in; see :func:`structural_distillation`.
+``supervised`` trains the instance model on the labeled images' instance maps: each crop's
 instances (at least ``min_size`` pixels — a crop keeps slivers of the objects it cuts) become
 Mask R-CNN targets, and the loss is the sum of Mask R-CNN's terms (RPN objectness and box,
 classification, box regression, mask BCE).
