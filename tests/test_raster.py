@@ -374,6 +374,8 @@ def test_label_geotiffs_on_the_image_grid_train_and_score(tmp_path):
     """masks/<id>.tif (a label raster from a GIS) is read like a PNG mask; a run trains on it, and
     `evaluate` scores `predict`'s GeoTIFF output against it (255 = not predicted is left out and
     counted). A label raster in another CRS, off the image's grid, or of floats is named."""
+    from rich.console import Console
+
     from lowlabel.api import fit
     from lowlabel.config import load_config
     from lowlabel.data.dataset import FolderDataset
@@ -397,8 +399,6 @@ def test_label_geotiffs_on_the_image_grid_train_and_score(tmp_path):
     mask = np.asarray(Image.open(src / "masks" / "img05.png"))
     summary = evaluate_folder(tmp_path / "pred", root, "test")
     assert summary["unpredicted_pixels"] == int((mask[:10, :10] != 255).sum()) > 0
-    from rich.console import Console
-
     con = Console(record=True, width=120)
     con.print(metrics_table(summary))
     text = con.export_text()
