@@ -178,7 +178,7 @@ def test_instance_run_trains_evaluates_and_predicts(tmp_path):
     raw = {
         "name": "inst", "out_dir": str(tmp_path / "runs"),
         "data": {"root": str(root), "labeled": "2", "crop": 64, "labeled_batch": 2},
-        "model": {"arch": "maskrcnn", "encoder": "resnet18"},
+        "model": {"arch": "maskrcnn", "encoder": "resnet18", "options": {"roi_batch": 32, "rpn_post_nms_train": 100}},
         "optim": {"name": "adamw", "lr": 1e-4, "weight_decay": 0.05},
         "train": {"iterations": 2, "val_every": 2, "checkpoint_every": 2, "log_every": 1},
         "eval": {"tile": 64},
@@ -193,6 +193,8 @@ def test_instance_run_trains_evaluates_and_predicts(tmp_path):
     assert summary["select"] == "ap" and summary["best_val_miou"] is None
     run = Run.load(run_dir)
     assert run.task == "instance"
+    net = run.model.net  # model.options reach torchvision's sampler and RPN, and the checkpoint keeps them
+    assert net.roi_heads.fg_bg_sampler.batch_size_per_image == 32 and net.rpn._post_nms_top_n["training"] == 100
     res = run.evaluate(split="test")
     assert res["task"] == "instance" and res["instances"] == 4 and 0.0 <= res["ap"] <= 1.0
     out = tmp_path / "pred"
@@ -216,6 +218,14 @@ def test_instance_config_errors(tmp_path, tiny_dataset):
     cfg = load_config(raw={"out_dir": str(tmp_path), "data": {"root": str(tiny_dataset), "labeled": "2"}, "model": {"arch": "maskrcnn"}})
     with pytest.raises(ConfigError, match="instance model"):
         Trainer(cfg, progress=False)
+    from pydantic import ValidationError
+
+    from lowlabel.models import build_model
+
+    with pytest.raises(ValidationError, match="roi_bacth"):
+        build_model("maskrcnn", "resnet18", 1, options={"roi_bacth": 64})
+    with pytest.raises(ValueError, match="unet has none"):
+        build_model("unet", "resnet18", 2, options={"roi_batch": 64})
 
 
 def test_copy_paste_pairs_by_hand():

@@ -87,7 +87,7 @@ class ModelConfig(_Strict):
     pretrained: str | None = Field(None, description="local weights file (never downloaded)")
     width: int = Field(16, ge=1)  # only for the own archs: 'tiny' and 'unet2d' (first level's channels)
     in_channels: int = Field(3, ge=1, le=64, description="3: RGB; 1: grey data (the network sees the mean of the channels); any other number: multi-band rasters, one channel per band of data.bands (e.g. 4 for RGB + NIR)")
-    options: dict[str, Any] = Field(default_factory=dict, description="the architecture's own settings (arch ssr-sam: lowlabel.models.ssr_sam.SSRSAMOptions)")
+    options: dict[str, Any] = Field(default_factory=dict, description="the architecture's own settings (arch ssr-sam: lowlabel.models.ssr_sam.SSRSAMOptions; maskrcnn: lowlabel.models.instance.InstanceOptions)")
 
 
 class MethodConfig(_Strict):

@@ -279,7 +279,8 @@ def build_model(
             its first level's channels) or ``tiny`` (a small from-scratch network for tests).
             ``maskrcnn`` is the instance model (:mod:`lowlabel.models.instance`) of instance datasets;
             ``ssr-sam`` SSR-SAM's retrieval model (:mod:`lowlabel.models.ssr_sam`; ``encoder``: vit_b,
-            vit_l, vit_h, vit_t or scratch; ``options``: :class:`~lowlabel.models.ssr_sam.SSRSAMOptions`).
+            vit_l, vit_h, vit_t or scratch; ``options``: :class:`~lowlabel.models.ssr_sam.SSRSAMOptions`;
+            ``maskrcnn``'s: :class:`~lowlabel.models.instance.InstanceOptions`).
         encoder: any smp encoder name (tested: resnet18/50/101, mobilenet_v2, mit_b0); ignored by
             ``unet2d`` and ``tiny``; resnet18/34/50 for ``maskrcnn``.
         in_channels: 3 (RGB), 1 (grey: the network sees the mean of the image's channels) or
@@ -290,10 +291,10 @@ def build_model(
     """
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    if options and arch != "ssr-sam":
-        raise ValueError(f"model.options are settings of arch ssr-sam; {arch} has none")
+    if options and arch != "ssr-sam" and arch not in INSTANCE_ARCHS:
+        raise ValueError(f"model.options are settings of arch ssr-sam and maskrcnn; {arch} has none")
     if arch in INSTANCE_ARCHS:
-        model = build_instance_model(arch, encoder, num_classes, in_channels)
+        model = build_instance_model(arch, encoder, num_classes, in_channels, options)
     elif arch == "ssr-sam":
         from .ssr_sam import SSRSAM
 
