@@ -222,6 +222,14 @@ def test_instance_config_errors(tmp_path, tiny_dataset):
 
     from lowlabel.models import build_model
 
+    s4m = {"data": {"root": str(tiny_dataset)}, "model": {"arch": "maskrcnn"}, "train": {"iterations": 10}}
+    with pytest.raises(ValueError, match="teacher would be random"):  # no burn-in, no teacher weights
+        load_config(raw={**s4m, "method": {"name": "s4m"}})
+    with pytest.raises(ValueError, match="never uses its unlabeled images"):
+        load_config(raw={**s4m, "method": {"name": "s4m", "params": {"burn_in": 10}}})
+    assert load_config(raw={**s4m, "method": {"name": "s4m", "params": {"burn_in": 9}}}).method.params["burn_in"] == 9
+    assert load_config(raw={**s4m, "model": {"arch": "maskrcnn", "pretrained": "teacher.pt"}, "method": {"name": "s4m"}}).model.pretrained
+
     with pytest.raises(ValidationError, match="roi_bacth"):
         build_model("maskrcnn", "resnet18", 1, options={"roi_bacth": 64})
     with pytest.raises(ValueError, match="unet has none"):
@@ -339,9 +347,9 @@ def test_bench_reports_mask_ap_for_instance_protocols(tmp_path):
         "name": "discs-bench", "split": "test", "fractions": ["2"], "seeds": [0],
         "config": {"data": {"root": str(root), "crop": 64, "labeled_batch": 2, "unlabeled_batch": 2},
                    "model": {"arch": "maskrcnn"}, "optim": {"name": "adamw", "lr": 1e-4},
-                   "train": {"iterations": 1, "val_every": 1, "checkpoint_every": 1, "log_every": 1}, "eval": {"tile": 64}},
+                   "train": {"iterations": 2, "val_every": 2, "checkpoint_every": 2, "log_every": 1}, "eval": {"tile": 64}},
         "methods": {"supervised": {"method": {"name": "supervised"}},
-                    "s4m": {"method": {"name": "s4m", "params": {"arp": True}}, "teacher": {"kind": "ema", "decay": 0.9996}}},
+                    "s4m": {"method": {"name": "s4m", "params": {"arp": True, "burn_in": 1}}, "teacher": {"kind": "ema", "decay": 0.9996}}},
     }
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(proto))
     res = run_protocol(tmp_path / "p.yaml", out=tmp_path / "res", in_process=True)
@@ -403,8 +411,10 @@ def test_sd_trains_the_teacher_with_sam_decoder_features(tmp_path):
                          "method": {"name": "s4m", "params": {**sd, "burn_in": 1, "threshold": 0.0}}}), progress=False)
     burn, after = log("s4m")
     assert burn["loss_sd"] > 0 and burn["gn_sd"] > 0 and after["loss_sd"] == 0 and "gn_sd" not in after
+    teacher = str(tmp_path / "runs" / "sup" / "checkpoints" / "last.pt")  # burn_in 0 needs a teacher's weights
     with pytest.raises(ConfigError, match="burn_in: 0 this run has none"):
         fit(load_config(raw={**base, "name": "s4m0", "out_dir": str(tmp_path / "runs"), "teacher": {"kind": "ema", "decay": 0.9996},
+                             "model": {"arch": "maskrcnn", "pretrained": teacher},
                              "method": {"name": "s4m", "params": {**sd, "burn_in": 0}}}), progress=False)
     with pytest.raises(ConfigError, match="classical backend has none"):
         fit(load_config(raw={**base, "name": "bad", "out_dir": str(tmp_path / "runs"),

@@ -176,6 +176,21 @@ class Config(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _s4m_has_a_teacher(self):
+        """S4M's teacher is the burn-in's student or model.pretrained; a run with neither would
+        pseudo-label with random weights, one whose burn-in fills it would never use them."""
+        if self.method.name == "s4m":
+            burn_in = int(self.method.params.get("burn_in", 0) or 0)
+            if not burn_in and not self.model.pretrained:
+                raise ValueError("method s4m with burn_in: 0 starts its teacher from model.pretrained, and none is given: the teacher "
+                                 "would be random and its pseudo-instances noise; set method.params.burn_in (labeled-only iterations) "
+                                 "or model.pretrained (e.g. a supervised run's best.pt)")
+            if burn_in >= self.train.iterations:
+                raise ValueError(f"method s4m: burn_in {burn_in} >= train.iterations {self.train.iterations}, so the run never uses its "
+                                 "unlabeled images; lower burn_in or train longer")
+        return self
+
+    @model_validator(mode="after")
     def _eval_like_training(self):
         """A model trained on whole resized images is evaluated on whole resized images."""
         if self.data.resize and self.eval.resize is None:

@@ -150,7 +150,7 @@ class S4MParams(InstanceParams):
     threshold: float = Field(0.7, ge=0, le=1)  # class confidence of kept pseudo-instances (S4M sec. 5.1)
     mask_threshold: float = Field(0.5, gt=0, lt=1)  # mask probability -> binary pseudo-mask (Mask R-CNN's own 0.5)
     weight_u: float = Field(2.0, ge=0)  # unsupervised loss weight (S4M sec. 5.1)
-    burn_in: int = Field(0, ge=0)  # labeled-only iterations, then teacher := student (GuidedDistillation's burn-in); 0: the teacher starts from model.pretrained
+    burn_in: int = Field(0, ge=0)  # labeled-only iterations, then teacher := student (S4M class docstring); 0: the teacher starts from model.pretrained
     refine: bool = False  # PR: SAM refines each pseudo-mask from points sampled by its probabilities (sec. 4.2)
     points: int = Field(5, ge=1)  # points per pseudo-instance for PR (the paper's number is not given; our choice)
     arp: bool = False  # ARP: bidirectional copy-paste of (refined) pseudo-instances between image pairs (sec. 4.3)
@@ -188,12 +188,21 @@ class S4M(InstanceMethod):
     and >= 5 pixels are its pseudo-instances; the student learns them on the strong (photometric)
     view with weight 2 on top of its labeled loss. Burn-in: ``burn_in`` labeled-only iterations,
     after which the teacher is copied from the student, or (``burn_in: 0``) a teacher initialised
-    from ``model.pretrained``, e.g. a labeled-only run's ``best.pt``.
+    from ``model.pretrained``, e.g. a labeled-only run's ``best.pt`` (one of the two is required:
+    the config refuses a random teacher). Deviation: GuidedDistillation's burn-in also trains the
+    student on its own, on labeled and unlabeled data, before the main stage; here the student
+    starts as the teacher's copy. The engine's EMA warm-up (``decay_t = min(0.9996, 1 - 1 /
+    (t + 1))``, t counted from the run's start, :mod:`lowlabel.engine.teachers`) keeps short
+    runs' decay below 0.9996: at iteration t after a burn-in of B, the teacher weighs the
+    burn-in's student by about B / t and each later student by 1 / t.
 
     PR (sec. 4.2, eq. 3): for each pseudo-instance, ``points`` points drawn with probability
     proportional to its mask probability (before the threshold) prompt the promptable segmenter
     (a :mod:`lowlabel.sam` backend, the weak view embedded once per step); SAM's mask replaces
-    the pseudo-mask when it keeps at least ``min_size`` pixels.
+    the pseudo-mask when it keeps at least ``min_size`` pixels. Of SAM's three multimask
+    outputs the one with the highest predicted IoU is taken (the paper does not say). PR is only
+    as good as the backend: the weight-free ``classical`` one turns near-perfect nucleus
+    pseudo-masks (IoU 0.96) into IoU 0.49 ones (``benchmarks/s4m_pr_probe.py``).
 
     ARP (sec. 4.3, eq. 4): the (refined) pseudo-instances of paired images are pasted into each
     other, labels alike. Deviation: the photometric strong augmentation is applied by the loader
