@@ -209,19 +209,18 @@ def test_instance_run_trains_evaluates_and_predicts(tmp_path):
 
 
 def test_instance_config_errors(tmp_path, tiny_dataset):
+    from pydantic import ValidationError
+
     from lowlabel.config import load_config
     from lowlabel.engine.trainer import Trainer
     from lowlabel.errors import ConfigError
+    from lowlabel.models import build_model
 
     with pytest.raises(ValueError, match="unknown method 'unimatch' for the instance task"):
         load_config(raw={"data": {"root": str(tiny_dataset)}, "model": {"arch": "maskrcnn"}, "method": {"name": "unimatch"}})
     cfg = load_config(raw={"out_dir": str(tmp_path), "data": {"root": str(tiny_dataset), "labeled": "2"}, "model": {"arch": "maskrcnn"}})
     with pytest.raises(ConfigError, match="instance model"):
         Trainer(cfg, progress=False)
-    from pydantic import ValidationError
-
-    from lowlabel.models import build_model
-
     s4m = {"data": {"root": str(tiny_dataset)}, "model": {"arch": "maskrcnn"}, "train": {"iterations": 10}}
     with pytest.raises(ValueError, match="teacher would be random"):  # no burn-in, no teacher weights
         load_config(raw={**s4m, "method": {"name": "s4m"}})
