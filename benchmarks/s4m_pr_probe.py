@@ -51,6 +51,8 @@ def main() -> None:
     args = ap.parse_args()
     root = Path(args.root)
     seg = build_segmenter(args.backend, checkpoint=args.checkpoint)
+    if seg.weights_id.startswith("random"):
+        ap.error(f"--backend {args.backend} needs --checkpoint: with random weights its masks say nothing about PR")
     rng = np.random.default_rng(args.seed)
     before, after, ratio = [], [], []
     for sid in (root / "splits" / "train.txt").read_text().split()[: args.images]:
