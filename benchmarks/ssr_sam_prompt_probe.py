@@ -35,8 +35,7 @@ def probe(run_dir: Path, k: int, draws: int) -> dict:
                 continue
             unit = torch.nn.functional.normalize(tokens.float(), dim=1)
             cos = (unit @ unit.T)[~torch.eye(len(tokens), dtype=torch.bool)]
-            s = comp.proj(tokens.to(comp.q.dtype))
-            att = (comp.q[c] @ comp.k(s).T / comp.dim**0.5).softmax(-1)
+            att, _ = comp.attention(c, tokens)
             attended = torch.exp(-(att * att.clamp_min(1e-12).log()).sum(-1)).mean()
             out["classes"][c] = {"prompts": len(tokens), "mean_cosine": round(float(cos.mean()), 3),
                                  "attended": round(float(attended), 1), "compressed_change": round(float(change[c]), 3)}

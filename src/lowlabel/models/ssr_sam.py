@@ -230,6 +230,11 @@ class PromptCompression(nn.Module):
         self.v = nn.Linear(dim, dim, bias=False)  # W_v
         self.dim = dim
 
+    def attention(self, c: int, prompts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Class ``c``'s queries over its [n_c, in_dim] prompts: (attention [queries, n_c], the projected prompts)."""
+        s = self.proj(prompts.to(self.q.dtype))
+        return (self.q[c] @ self.k(s).T / math.sqrt(self.dim)).softmax(-1), s
+
     def forward(self, prompts: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """prompts: per class a [n_c, in_dim] set -> (compressed [C, queries, dim], decodable bool [C])."""
         out = self.q.new_zeros(self.q.shape)
@@ -237,8 +242,7 @@ class PromptCompression(nn.Module):
         for c, s in enumerate(prompts):
             if len(s) == 0:
                 continue
-            s = self.proj(s.to(self.q.dtype))
-            att = (self.q[c] @ self.k(s).T / math.sqrt(self.dim)).softmax(-1)  # [queries, n_c]
+            att, s = self.attention(c, s)
             out[c] = att @ self.v(s)
             ok[c] = True
         return out, ok
