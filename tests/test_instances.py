@@ -301,6 +301,30 @@ class FakeTeacher(torch.nn.Module):
     def forward(self, x):
         return self.dets
 
+    def detect(self, x, score_threshold=None):  # unfiltered: pseudo_instances' own threshold is under test
+        return self.dets
+
+
+def test_detect_with_a_score_threshold_keeps_the_same_detections():
+    """``detect(x, t)`` drops boxes under t before the mask head: the detections scoring >= t
+    are those of the unthresholded pass (boxes, scores, masks), on a random Mask R-CNN whose
+    scores straddle t."""
+    from lowlabel.models.instance import InstanceModel
+
+    torch.manual_seed(0)
+    net = InstanceModel(1).eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        full = net(x)
+        t = float(torch.cat([d["scores"] for d in full]).median())
+        cut = net.detect(x, score_threshold=t)
+    assert net.net.roi_heads.score_thresh == 0.05  # restored
+    for f, c in zip(full, cut):
+        keep = f["scores"] >= t
+        assert 0 < int(keep.sum()) < len(keep) and len(c["scores"]) == int(keep.sum())
+        assert torch.equal(c["scores"], f["scores"][keep]) and torch.equal(c["boxes"], f["boxes"][keep])
+        torch.testing.assert_close(c["masks"], f["masks"][keep], atol=1e-5, rtol=0)
+
 
 def test_s4m_pseudo_instances_threshold_size_and_sam_refinement():
     """Kept: class confidence >= 0.7 and >= 5 px; PR replaces a sloppy pseudo-mask (a disc's

@@ -247,7 +247,7 @@ class S4M(InstanceMethod):
         p = self.p
         was = teacher_model.training
         teacher_model.eval()
-        dets = teacher_model(weak)
+        dets = teacher_model.detect(weak, score_threshold=p.threshold)
         teacher_model.train(was)
         b, _, h, w = weak.shape
         ids = torch.zeros(b, h, w, dtype=torch.long, device=weak.device)
