@@ -175,7 +175,7 @@ def predict_instances(model, image, *, tile: int = 512, overlap: float | int = 0
     grid = TileGrid(h, w, tile, overlap)
     tiles = []
     for (y0, x0, th, tw) in grid:
-        det = model(x[:, y0 : y0 + th, x0 : x0 + tw].unsqueeze(0).to(device))[0]
+        det = model.detect(x[:, y0 : y0 + th, x0 : x0 + tw].unsqueeze(0).to(device), score_threshold=score_threshold)[0]
         scores = det["scores"].cpu().numpy()
         keep = scores >= score_threshold
         masks = (det["masks"][torch.from_numpy(keep)] > mask_threshold).cpu().numpy()
