@@ -39,6 +39,13 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float((a & b).sum() / max((a | b).sum(), 1))
 
 
+def train_crops(root: Path, ids: list[str], crop: int):
+    """(id, RGB uint8 crop, instance-id crop) of the top-left ``crop`` px of each listed image."""
+    for sid in ids:
+        image = np.array(Image.open(next((root / "images").glob(f"{sid}.*"))).convert("RGB"))[:crop, :crop]
+        yield sid, image, np.array(Image.open(root / "instances" / f"{sid}.png")).astype(np.int64)[:crop, :crop]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", default="../shared/datasets/dsb2018-nuclei")
@@ -55,9 +62,7 @@ def main() -> None:
         ap.error(f"--backend {args.backend} needs --checkpoint: with random weights its masks say nothing about PR")
     rng = np.random.default_rng(args.seed)
     before, after, ratio = [], [], []
-    for sid in (root / "splits" / "train.txt").read_text().split()[: args.images]:
-        image = np.array(Image.open(next((root / "images").glob(f"{sid}.*"))).convert("RGB"))[: args.crop, : args.crop]
-        ids = np.array(Image.open(root / "instances" / f"{sid}.png")).astype(np.int64)[: args.crop, : args.crop]
+    for _, image, ids in train_crops(root, (root / "splits" / "train.txt").read_text().split()[: args.images], args.crop):
         truth = [ids == k for k in np.unique(ids) if k and (ids == k).sum() >= 5]
         if not truth:
             continue
