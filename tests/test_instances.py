@@ -363,6 +363,31 @@ def test_s4m_pseudo_instances_threshold_size_and_sam_refinement():
     assert after > before + 0.1, (before, after)
 
 
+def test_s4m_unlabeled_terms_keep_only_the_named_mask_rcnn_losses():
+    """``unlabeled_terms`` sums only those of Mask R-CNN's terms on the strong view; None sums all."""
+    from types import SimpleNamespace
+
+    from lowlabel.methods.instance import S4M
+
+    terms = {"loss_objectness": 1.0, "loss_rpn_box_reg": 2.0, "loss_classifier": 4.0, "loss_box_reg": 8.0, "loss_mask": 16.0}
+
+    class Student:
+        def losses(self, images, targets, features=None):
+            return {k: torch.tensor(v) for k, v in terms.items()}
+
+    disc = torch.zeros(1, 32, 32)
+    disc[0, 8:16, 8:16] = 1.0
+    dets = [{"masks": disc, "scores": torch.tensor([0.9]), "labels": torch.zeros(1, dtype=torch.long)}]
+    ctx = SimpleNamespace(iteration=5)
+    lab = {"image": torch.rand(1, 3, 32, 32), "instances": torch.zeros(1, 32, 32, dtype=torch.long)}
+    unl = {"image": torch.rand(1, 3, 32, 32), "strong": torch.rand(1, 1, 3, 32, 32)}
+    for chosen, expected in ((None, 31.0), (["objectness", "classifier"], 5.0), (["mask"], 16.0)):
+        m = S4M({"unlabeled_terms": chosen}, num_classes=1)
+        m.seed = 0
+        out = m.training_step(Student(), SimpleNamespace(model=FakeTeacher(dets)), lab, unl, ctx)
+        assert out.losses["loss_u"].item() == expected and out.metrics["pseudo_instances"] == 1
+
+
 def test_bench_reports_mask_ap_for_instance_protocols(tmp_path):
     import yaml
 

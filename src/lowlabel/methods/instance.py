@@ -154,6 +154,9 @@ class S4MParams(InstanceParams):
     refine: bool = False  # PR: SAM refines each pseudo-mask from points sampled by its probabilities (sec. 4.2)
     points: int = Field(5, ge=1)  # points per pseudo-instance for PR (the paper's number is not given; our choice)
     arp: bool = False  # ARP: bidirectional copy-paste of (refined) pseudo-instances between image pairs (sec. 4.3)
+    # Mask R-CNN terms of the unlabeled loss; None: all (the paper's: Mask2Former's whole loss). Deviation, for the
+    # dsb2018 probe: [objectness, classifier] leaves the pseudo-instances' boxes and masks out (Unbiased Teacher's choice)
+    unlabeled_terms: list[Literal["objectness", "rpn_box_reg", "classifier", "box_reg", "mask"]] | None = Field(None, min_length=1)
 
 
 def pair_partner(n: int) -> torch.Tensor:
@@ -297,6 +300,9 @@ class S4M(InstanceMethod):
         if p.arp:
             strong, ids = copy_paste(strong, ids, pair_partner(len(ids)).to(ids.device))
         targets = [instance_targets(m, min_size=p.min_size) for m in ids]
-        loss_u = summed(student.losses(strong, targets))
+        parts = student.losses(strong, targets)
+        if p.unlabeled_terms is not None:
+            parts = {k: v for k, v in parts.items() if k.removeprefix("loss_") in p.unlabeled_terms}
+        loss_u = summed(parts)
         terms["u"] = p.weight_u * loss_u
         return StepOutput({"loss": sum(terms.values()), **logs, "loss_u": loss_u.detach()}, metrics, terms=terms)
