@@ -8,7 +8,9 @@ through :meth:`lowlabel.methods.instance.S4M.pseudo_instances` as in training (c
 nuclei of >= 5 px at IoU >= 0.5 (a match at IoU > 0.5 is unique). Reported per threshold:
 pseudo-instances and true nuclei per crop, precision, recall, and the share of true-nucleus pixels
 that the pseudo-label calls background (what the unlabeled loss then teaches the student to
-suppress).
+suppress). How well the kept ones are drawn: ``precision_75``, the share that match a true nucleus
+at IoU > 0.75 (what AP75 asks of a prediction), and ``merged``, the share that hold most of the
+pixels (> 50 %) of two or more true nuclei (a clump taught as one nucleus).
 
     python benchmarks/s4m_teacher_probe.py RUN [--images 40] [--threshold 0.5 0.7 0.9]
 """
@@ -42,7 +44,7 @@ def main() -> None:
     pool = [s for s in (root / "splits" / "train.txt").read_text().split() if s not in labeled][: args.images]
     crops = list(train_crops(root, pool, args.crop))
     methods = {t: S4M({"threshold": t}, num_classes=run.num_classes) for t in args.threshold}
-    stats = {t: {"kept": 0, "correct": 0, "true": 0, "found": 0, "true_px": 0, "background_px": 0} for t in args.threshold}
+    stats = {t: {"kept": 0, "correct": 0, "correct_75": 0, "merged": 0, "true": 0, "found": 0, "true_px": 0, "background_px": 0} for t in args.threshold}
     for _, image, ids in crops:
         truth = [ids == k for k in np.unique(ids) if k and (ids == k).sum() >= 5]
         weak = torch.from_numpy(image).permute(2, 0, 1).float().div(255)[None]
@@ -53,6 +55,8 @@ def main() -> None:
             s = stats[t]
             s["kept"] += len(kept)
             s["correct"] += int((m.max(1, initial=0) > 0.5).sum())
+            s["correct_75"] += int((m.max(1, initial=0) > 0.75).sum())
+            s["merged"] += sum(int(sum((p & g).sum() > 0.5 * g.sum() for g in truth) >= 2) for p in kept)
             s["true"] += len(truth)
             s["found"] += int((m.max(0, initial=0) > 0.5).sum())
             nuclei = ids > 0
@@ -62,7 +66,8 @@ def main() -> None:
         print(json.dumps({
             "run": Path(args.run).name, "threshold": t, "crops": len(crops),
             "pseudo_per_crop": round(s["kept"] / len(crops), 2), "true_per_crop": round(s["true"] / len(crops), 2),
-            "precision": round(s["correct"] / max(s["kept"], 1), 3), "recall": round(s["found"] / max(s["true"], 1), 3),
+            "precision": round(s["correct"] / max(s["kept"], 1), 3),
+            "precision_75": round(s["correct_75"] / max(s["kept"], 1), 3), "merged": round(s["merged"] / max(s["kept"], 1), 3), "recall": round(s["found"] / max(s["true"], 1), 3),
             "nucleus_pixels_as_background": round(s["background_px"] / max(s["true_px"], 1), 3),
         }))
 

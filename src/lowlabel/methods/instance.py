@@ -218,7 +218,10 @@ class S4M(InstanceMethod):
     ``supervised`` run with ``sd`` whose checkpoint is ``model.pretrained`` (``burn_in: 0``);
     ``student`` / ``both`` add it after the burn-in too. All detection terms of Mask R-CNN (box
     regression included) enter the unsupervised loss, as Mask2Former's whole loss does in the
-    paper.
+    paper; ``unlabeled_terms`` keeps a subset (a deviation: ``[objectness, classifier]`` learns
+    where the pseudo-instances are, not their boxes and masks, as Unbiased Teacher leaves
+    pseudo-boxes out of box regression; on dsb2018 the full loss compounds the teacher's loose
+    outlines: benchmarks/README.md, "S4M from a trained teacher").
     """
 
     Params = S4MParams
