@@ -26,7 +26,7 @@ import torch
 
 from lowlabel.engine.run import Run
 from lowlabel.methods.instance import S4M
-from s4m_pr_probe import iou, train_crops
+from s4m_pr_probe import train_crops
 
 
 def main() -> None:
@@ -51,12 +51,15 @@ def main() -> None:
         for t, method in methods.items():
             pseudo = method.pseudo_instances(run.model, weak, np.random.default_rng(0))[0][0].numpy()
             kept = [pseudo == k for k in np.unique(pseudo) if k]
-            m = np.array([[iou(p, g) for g in truth] for p in kept]).reshape(len(kept), len(truth))
+            inter = np.array([[(p & g).sum() for g in truth] for p in kept], dtype=float).reshape(len(kept), len(truth))
+            areas_p = np.array([p.sum() for p in kept], dtype=float).reshape(-1, 1)
+            areas_g = np.array([g.sum() for g in truth], dtype=float).reshape(1, -1)
+            m = inter / np.maximum(areas_p + areas_g - inter, 1)  # IoU of each kept pseudo-instance with each nucleus
             s = stats[t]
             s["kept"] += len(kept)
             s["correct"] += int((m.max(1, initial=0) > 0.5).sum())
             s["correct_75"] += int((m.max(1, initial=0) > 0.75).sum())
-            s["merged"] += sum(int(sum((p & g).sum() > 0.5 * g.sum() for g in truth) >= 2) for p in kept)
+            s["merged"] += int(((inter > 0.5 * areas_g).sum(1) >= 2).sum())
             s["true"] += len(truth)
             s["found"] += int((m.max(0, initial=0) > 0.5).sum())
             nuclei = ids > 0
