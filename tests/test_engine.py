@@ -52,6 +52,31 @@ def test_resume_mid_epoch_gives_the_same_weights(tmp_path, method, teacher):
     assert iters == [1, 2, 3, 4, 5, 6, 7]  # history is not duplicated by the resume
 
 
+@pytest.mark.parametrize("old_checkpoint", [False, True])
+def test_resumed_run_times_every_segment(tmp_path, old_checkpoint):
+    """A resumed run's summary and log clock carry the time of the segments before the resume
+    (read from last.pt); a checkpoint without that time is timed from the resume on, and says so."""
+    data = make_dataset(tmp_path / "d", n=8)
+    raw = tiny_config(data, tmp_path / "r", "supervised", "none", iterations=5)
+    Trainer(load_config(raw=raw), progress=False).fit(stop_at=2)
+    run_dir = tmp_path / "r" / raw["name"]
+    state = _weights(run_dir)
+    assert state["timed_from"] == 0 and state["trained_seconds"] > 0
+    if old_checkpoint:
+        del state["trained_seconds"], state["timed_from"]
+    else:
+        state["trained_seconds"] = 1000.0  # as if the first segment had taken 1,000 s
+    torch.save(state, run_dir / "checkpoints" / "last.pt")
+    fit(resume=run_dir, progress=False)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    times = [json.loads(l)["time"] for l in (run_dir / "metrics.jsonl").read_text().splitlines() if "val" not in l]
+    if old_checkpoint:
+        assert summary["timed_iterations"] == 3 and summary["seconds"] < 1000
+    else:
+        assert summary["timed_iterations"] == 5 and summary["seconds"] >= 1000
+        assert times[:2] == sorted(times[:2]) and min(times[2:]) >= 1000  # the clock goes on from the checkpoint
+
+
 def test_run_directory_contents_and_run_api(tiny_dataset, tmp_path):
     raw = tiny_config(tiny_dataset, tmp_path, "supervised", "none", iterations=4)
     run = fit(load_config(raw=raw), progress=False)

@@ -133,6 +133,8 @@ def _run_cell(cell: dict, out_dir: str, split: str, report) -> None:
             fit(cfg, progress=False)
         train_seconds = time.time() - t0
         summary = json.loads((run_dir / "summary.json").read_text())
+        if summary.get("timed_iterations") == summary["iterations"]:  # the trainer timed every segment of a resumed run
+            train_seconds = summary["seconds"]
         run = Run.load(run_dir)
         t1 = time.time()
         test = run.evaluate(split=split)

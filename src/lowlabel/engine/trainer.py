@@ -237,6 +237,9 @@ class Trainer:
 
             self.val_set = FolderDataset(cfg.data.root, cfg.data.val_split, labeled=True, info=self.info, bands=cfg.data.bands, value_range=cfg.data.value_range)
         self.iteration = 0
+        # training wall time (validation included) of the iterations since ``_timed_from``: carried
+        # in last.pt so a resumed run's summary covers every segment (older checkpoints lack it)
+        self.trained_seconds, self._timed_from, self._t_start = 0.0, 0, None
         self.best = {"value": -1.0, "iteration": None, "metrics": None}
         self._evaluated = None  # (iteration, network) of the last evaluation_model()
         if resume:
@@ -308,8 +311,13 @@ class Trainer:
             "config": self.cfg.model_dump(mode="json"),
             "dataset": self._dataset_meta(),
             "evaluated": "teacher" if self.teacher.evaluates else "student",
+            "trained_seconds": self._seconds(), "timed_from": self._timed_from,
         }
         atomic_torch_save(state, self.ckpt_dir / name)
+
+    def _seconds(self) -> float:
+        """Training wall time of iterations ``_timed_from`` .. now, over all segments of the run."""
+        return round(self.trained_seconds if self._t_start is None else time.time() - self._t_start, 3)
 
     def _save_best(self, metrics: dict) -> None:
         if not self.is_main:
@@ -332,6 +340,10 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         self.iteration = int(state["iteration"])
+        if "trained_seconds" in state:
+            self.trained_seconds, self._timed_from = float(state["trained_seconds"]), int(state["timed_from"])
+        else:  # an older checkpoint carries no time: count from here
+            self._timed_from = self.iteration
         if self.total < self.iteration:
             raise ConfigError(f"{path}: train.iterations={self.total} is below the {self.iteration} iterations this run has trained; a resume can only extend it")
         self.best = state["best"]
@@ -436,7 +448,7 @@ class Trainer:
                 + f"; {self.student.arch}/{self.student.encoder_name}; {self.total} iterations on {self.device}"
                 + (f" x {self.world} processes" if self.world > 1 else "")
             )
-        t0 = time.time()
+        self._t_start = time.time() - self.trained_seconds
         start_iter = self.iteration
         last_val = None
         running: dict[str, float] = {}
@@ -456,7 +468,7 @@ class Trainer:
                 if epoch_end:
                     self.method.on_epoch_end(self.iteration // self.iters_per_epoch - 1, self._ctx())
                 if self.iteration % cfg.train.log_every == 0 or self.iteration == self.total:
-                    self._log({"iteration": self.iteration, "time": round(time.time() - t0, 3), **{k: round(v, 6) for k, v in rec.items()}})
+                    self._log({"iteration": self.iteration, "time": self._seconds(), **{k: round(v, 6) for k, v in rec.items()}})
                 shown = "AP" if self.task == "instance" else "mIoU"
                 info = f"loss {running['loss']:.3f} lr {rec['lr']:.2e}" + (f" val {shown} {100 * last_val:.1f}" if last_val is not None else "")
                 if self.select not in ("miou", "ap") and self.best["metrics"]:
@@ -473,12 +485,13 @@ class Trainer:
                             self._save_best(metrics)
                 if self.iteration % cfg.train.checkpoint_every == 0 or self.iteration in (self.total, end):
                     self._save("last.pt")
-        elapsed = time.time() - t0
+        elapsed, self.trained_seconds, self._t_start = self._seconds(), self._seconds(), None
+        timed = max(1, self.iteration - self._timed_from)
         if self.val_set is None or not cfg.train.val_every:  # no validation: the final model is the "best"
             self._save_best({})
         summary = {
-            "iterations": self.total, "trained_iterations": self.iteration - start_iter, "seconds": round(elapsed, 2),
-            "seconds_per_iteration": round(elapsed / max(1, self.iteration - start_iter), 4),
+            "iterations": self.total, "trained_iterations": self.iteration - start_iter,
+            "seconds": round(elapsed, 2), "timed_iterations": timed, "seconds_per_iteration": round(elapsed / timed, 4),
             "select": self.select, "best_val": self.best["value"] if self.best["value"] >= 0 else None,
             "best_val_miou": (self.best["metrics"] or {}).get("miou", self.best["value"] if self.select == "miou" and self.best["value"] >= 0 else None),
             "best_val_ap": (self.best["metrics"] or {}).get("ap") if self.task == "instance" else None,
