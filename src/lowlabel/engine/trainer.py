@@ -485,7 +485,8 @@ class Trainer:
                             self._save_best(metrics)
                 if self.iteration % cfg.train.checkpoint_every == 0 or self.iteration in (self.total, end):
                     self._save("last.pt")
-        elapsed, self.trained_seconds, self._t_start = self._seconds(), self._seconds(), None
+        elapsed = self.trained_seconds = self._seconds()
+        self._t_start = None
         timed = max(1, self.iteration - self._timed_from)
         if self.val_set is None or not cfg.train.val_every:  # no validation: the final model is the "best"
             self._save_best({})
