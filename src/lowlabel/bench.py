@@ -126,15 +126,12 @@ def _run_cell(cell: dict, out_dir: str, split: str, report) -> None:
         raw["out_dir"] = str(Path(out_dir) / "runs")
         cfg = load_config(raw=raw)
         run_dir = Path(cfg.out_dir) / cfg.name
-        t0 = time.time()
         if (run_dir / "checkpoints" / "last.pt").exists():
             fit(resume=run_dir, progress=False)
         else:
             fit(cfg, progress=False)
-        train_seconds = time.time() - t0
         summary = json.loads((run_dir / "summary.json").read_text())
-        if summary.get("timed_iterations") == summary["iterations"]:  # the trainer timed every segment of a resumed run
-            train_seconds = summary["seconds"]
+        train_seconds = summary["seconds"]  # every segment of a resumed run (of its timed_iterations, for an old checkpoint)
         run = Run.load(run_dir)
         t1 = time.time()
         test = run.evaluate(split=split)
