@@ -372,7 +372,8 @@ def test_s4m_unlabeled_terms_keep_only_the_named_mask_rcnn_losses():
     terms = {"loss_objectness": 1.0, "loss_rpn_box_reg": 2.0, "loss_classifier": 4.0, "loss_box_reg": 8.0, "loss_mask": 16.0}
 
     class Student:
-        def losses(self, images, targets, features=None):
+        def losses(self, images, targets, features=None, background_weight=1.0):
+            assert background_weight == 1.0  # S4M's default: Mask R-CNN's loss as it is
             return {k: torch.tensor(v) for k, v in terms.items()}
 
     disc = torch.zeros(1, 32, 32)
@@ -386,6 +387,61 @@ def test_s4m_unlabeled_terms_keep_only_the_named_mask_rcnn_losses():
         m.seed = 0
         out = m.training_step(Student(), SimpleNamespace(model=FakeTeacher(dets)), lab, unl, ctx)
         assert out.losses["loss_u"].item() == expected and out.metrics["pseudo_instances"] == 1
+
+
+def test_background_weighted_losses_by_hand():
+    """Background samples weigh ``background_weight``, objects 1, normalised by the weights' sum."""
+    from lowlabel.models.instance import weighted_classifier_loss, weighted_objectness_loss
+
+    logits = torch.tensor([[2.0, -1.0], [0.5, 0.3], [-1.0, 1.5]])
+    labels = [torch.tensor([0, 1]), torch.tensor([0])]
+    ce = -torch.log_softmax(logits, 1)[torch.arange(3), torch.tensor([0, 1, 0])]
+    expected = (0.1 * ce[0] + ce[1] + 0.1 * ce[2]) / 1.2
+    assert torch.isclose(weighted_classifier_loss(logits, labels, 0.1), expected)
+    assert torch.isclose(weighted_classifier_loss(logits, labels, 1.0), ce.mean())
+    obj = torch.tensor([1.0, -2.0, 0.5, 3.0, -0.5, 2.0])
+    anchor_labels = [torch.tensor([1.0, 0.0, 0.0]), torch.tensor([-1.0, 0.0, 1.0])]
+    pos = [torch.tensor([1, 0, 0], dtype=torch.uint8), torch.tensor([0, 0, 1], dtype=torch.uint8)]
+    neg = [torch.tensor([0, 1, 0], dtype=torch.uint8), torch.tensor([0, 1, 0], dtype=torch.uint8)]  # anchor 2 not drawn, 3 ignored
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    sampled = torch.tensor([0, 1, 4, 5])
+    target = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0, 1.0])
+    each = bce(obj, target, reduction="none")
+    assert torch.isclose(weighted_objectness_loss(obj, anchor_labels, pos, neg, 0.25), (each[0] + 0.25 * (each[1] + each[4]) + each[5]) / 2.5)
+    assert torch.isclose(weighted_objectness_loss(obj, anchor_labels, pos, neg, 1.0), bce(obj[sampled], target[sampled]))
+
+
+def test_background_weight_changes_only_mask_rcnn_classification_terms():
+    """At weight 1 the swapped-in terms are torchvision's to the bit (same sampler draw); below 1
+    only objectness and classifier change; torchvision's functions are back after the block."""
+    from torchvision.models.detection import roi_heads
+
+    from lowlabel.models.instance import InstanceModel, background_weighted
+
+    torch.manual_seed(0)
+    net = InstanceModel(1, options={"roi_batch": 64, "rpn_post_nms_train": 200}).train()
+    ids = torch.zeros(2, 64, 64, dtype=torch.long)
+    ids[0, 5:15, 5:17], ids[0, 30:44, 20:30], ids[1, 40:52, 40:60] = 1, 2, 1
+    targets = [instance_targets(m, min_size=5) for m in ids]
+    images = torch.rand(2, 3, 64, 64)
+
+    def losses(**kw):
+        torch.manual_seed(1)  # the samplers' draw
+        return {k: v.item() for k, v in net.losses(images, targets, **kw).items()}
+
+    plain = losses()
+    with background_weighted(net.net, 1.0):
+        assert losses() == pytest.approx(plain, rel=1e-6)
+    assert roi_heads.fastrcnn_loss.__module__ == "torchvision.models.detection.roi_heads" and "compute_loss" not in vars(net.net.rpn)
+    low = losses(background_weight=0.1)
+    for k in ("loss_rpn_box_reg", "loss_box_reg", "loss_mask"):
+        assert low[k] == pytest.approx(plain[k], rel=1e-6)
+    for k in ("loss_objectness", "loss_classifier"):
+        assert low[k] != pytest.approx(plain[k], rel=1e-3)
+    with pytest.raises(RuntimeError), background_weighted(net.net, 0.1):
+        raise RuntimeError("a failed step")
+    assert roi_heads.fastrcnn_loss.__module__ == "torchvision.models.detection.roi_heads" and "compute_loss" not in vars(net.net.rpn)
+    assert net.net.rpn.fg_bg_sampler.__class__.__name__ == "BalancedPositiveNegativeSampler"
 
 
 def test_bench_reports_mask_ap_for_instance_protocols(tmp_path):

@@ -157,6 +157,10 @@ class S4MParams(InstanceParams):
     # Mask R-CNN terms of the unlabeled loss; None: all (the paper's: Mask2Former's whole loss). Deviation, for the
     # dsb2018 probe: [objectness, classifier] leaves the pseudo-instances' boxes and masks out (Unbiased Teacher's choice)
     unlabeled_terms: list[Literal["objectness", "rpn_box_reg", "classifier", "box_reg", "mask"]] | None = Field(None, min_length=1)
+    # Weight of background samples (regions, anchors) in the unlabeled loss's classifier and objectness terms. 1: Mask
+    # R-CNN's, under which every nucleus the teacher missed is a full-weight negative. 0.1: the weight of the paper's own
+    # loss, Mask2Former's, for its "no object" class (GuidedDistillation's NO_OBJECT_WEIGHT); see the class docstring.
+    background_weight: float = Field(1.0, gt=0, le=1)
 
 
 def pair_partner(n: int) -> torch.Tensor:
@@ -222,6 +226,14 @@ class S4M(InstanceMethod):
     where the pseudo-instances are, not their boxes and masks, as Unbiased Teacher leaves
     pseudo-boxes out of box regression; on dsb2018 the full loss compounds the teacher's loose
     outlines: benchmarks/README.md, "S4M from a trained teacher").
+
+    ``background_weight`` (default 1, Mask R-CNN's loss as it is): the paper's Mask2Former weighs
+    its "no object" class 0.1 in the classification loss, so a query on an object that the teacher
+    missed costs the student a tenth of a matched one. Mask R-CNN has no such class; its background
+    regions and anchors take that role at full weight, and the missed nuclei become full-weight
+    negatives (the warm probe's suppression). ``background_weight: 0.1`` gives the unlabeled
+    loss's classifier and objectness terms Mask2Former's weighting
+    (:func:`lowlabel.models.instance.background_weighted`); the labeled loss keeps Mask R-CNN's.
     """
 
     Params = S4MParams
@@ -303,7 +315,7 @@ class S4M(InstanceMethod):
         if p.arp:
             strong, ids = copy_paste(strong, ids, pair_partner(len(ids)).to(ids.device))
         targets = [instance_targets(m, min_size=p.min_size) for m in ids]
-        parts = student.losses(strong, targets)
+        parts = student.losses(strong, targets, background_weight=p.background_weight)
         if p.unlabeled_terms is not None:
             parts = {k: v for k, v in parts.items() if k.removeprefix("loss_") in p.unlabeled_terms}
         loss_u = summed(parts)

@@ -39,9 +39,11 @@ Images are float [B, 3, H, W] in [0, 1]; targets hold ``boxes`` float[N, 4] (x0,
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
+import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
@@ -68,6 +70,63 @@ def _native_transform(transform):
             return image, target
 
     return NativeSize(transform.min_size, transform.max_size, transform.image_mean, transform.image_std, size_divisible=32)
+
+
+def weighted_classifier_loss(class_logits: torch.Tensor, labels: list[torch.Tensor], background_weight: float) -> torch.Tensor:
+    """The box head's classification loss with each background region (label 0) weighted by
+    ``background_weight`` and each object region by 1, normalised by the sum of the weights:
+    Mask2Former's classification loss, whose "no object" class weighs 0.1 (``NO_OBJECT_WEIGHT``),
+    on Mask R-CNN's sampled regions. At 1 it is torchvision's (the plain mean)."""
+    weight = class_logits.new_ones(class_logits.shape[1])
+    weight[0] = background_weight
+    return F.cross_entropy(class_logits, torch.cat(labels), weight=weight)
+
+
+def weighted_objectness_loss(objectness: torch.Tensor, labels: list[torch.Tensor], positive: list[torch.Tensor], negative: list[torch.Tensor],
+                             background_weight: float) -> torch.Tensor:
+    """The RPN's objectness loss over its sampled anchors (``positive`` / ``negative``: the
+    sampler's per-image masks), each negative weighted by ``background_weight``, normalised by
+    the sum of the weights. At 1 it is torchvision's (the mean over the sampled anchors)."""
+    pos, neg = torch.cat(positive).bool(), torch.cat(negative).bool()
+    weight = pos.to(objectness.dtype) + background_weight * neg.to(objectness.dtype)
+    target = torch.cat(labels).clamp(min=0).to(objectness.dtype)  # -1 (ignored anchors) never sampled: weight 0
+    loss = F.binary_cross_entropy_with_logits(objectness.flatten(), target, reduction="none")
+    return (loss * weight).sum() / weight.sum().clamp(min=1e-12)
+
+
+@contextlib.contextmanager
+def background_weighted(net, background_weight: float):
+    """Within the block, the two classification terms of torchvision's Mask R-CNN ``net``
+    (``loss_objectness``, ``loss_classifier``) weigh background samples by ``background_weight``
+    (:func:`weighted_objectness_loss`, :func:`weighted_classifier_loss`); box and mask terms are
+    torchvision's own. torchvision exposes no weight, so the block swaps the RPN's loss method
+    (keeping its sampler's draw) and ``roi_heads.fastrcnn_loss`` (a module global), and puts both
+    back on exit. Not thread-safe (the engine trains one model a process)."""
+    from torchvision.models.detection import roi_heads
+
+    rpn = net.rpn
+    fastrcnn_loss, sampler = roi_heads.fastrcnn_loss, rpn.fg_bg_sampler
+    rpn_loss = type(rpn).compute_loss
+    drawn = []
+
+    def recording_sampler(labels):
+        drawn[:] = sampler(labels)
+        return drawn[0], drawn[1]
+
+    def objectness_loss(objectness, pred_bbox_deltas, labels, regression_targets):
+        _, box = rpn_loss(rpn, objectness, pred_bbox_deltas, labels, regression_targets)
+        return weighted_objectness_loss(objectness, labels, drawn[0], drawn[1], background_weight), box
+
+    def classifier_loss(class_logits, box_regression, labels, regression_targets):
+        _, box = fastrcnn_loss(class_logits, box_regression, labels, regression_targets)
+        return weighted_classifier_loss(class_logits, labels, background_weight), box
+
+    rpn.fg_bg_sampler, rpn.compute_loss, roi_heads.fastrcnn_loss = recording_sampler, objectness_loss, classifier_loss
+    try:
+        yield
+    finally:
+        rpn.fg_bg_sampler, roi_heads.fastrcnn_loss = sampler, fastrcnn_loss
+        del rpn.compute_loss  # the class's method again
 
 
 class InstanceModel(nn.Module):
@@ -115,21 +174,23 @@ class InstanceModel(nn.Module):
         x = (images - images.new_tensor(MEAN).view(1, 3, 1, 1)) / images.new_tensor(STD).view(1, 3, 1, 1)
         return self.net.backbone(x)
 
-    def losses(self, images: torch.Tensor, targets: list[dict], features: list | None = None) -> dict[str, torch.Tensor]:
+    def losses(self, images: torch.Tensor, targets: list[dict], features: list | None = None, background_weight: float = 1.0) -> dict[str, torch.Tensor]:
         """Mask R-CNN's training losses (RPN objectness and box, classifier, box, mask);
         ``targets``' labels are 0-based (background is added here). With ``features`` (a list),
         the FPN features of this same forward pass are appended to it (the batch padded
-        bottom-right to a multiple of 32), for a loss on them without a second backbone pass."""
+        bottom-right to a multiple of 32), for a loss on them without a second backbone pass.
+        ``background_weight`` < 1 weighs background samples down in the objectness and
+        classifier terms (:func:`background_weighted`)."""
         if not self.training:
             raise RuntimeError("InstanceModel.losses needs train mode")
         shifted = [{**t, "labels": t["labels"] + 1} for t in targets]
-        if features is None:
+        with contextlib.ExitStack() as stack:
+            if background_weight != 1.0:
+                stack.enter_context(background_weighted(self.net, background_weight))
+            if features is not None:
+                handle = self.net.backbone.register_forward_hook(lambda mod, inp, out: features.append(out))
+                stack.callback(handle.remove)
             return self.net(list(images), shifted)
-        handle = self.net.backbone.register_forward_hook(lambda mod, inp, out: features.append(out))
-        try:
-            return self.net(list(images), shifted)
-        finally:
-            handle.remove()
 
     def forward(self, images: torch.Tensor) -> list[dict] | dict[str, torch.Tensor]:
         """Eval mode: the detections. Train mode: the backbone's features only — the pass that
