@@ -13,6 +13,7 @@ at IoU > 0.75 (what AP75 asks of a prediction), and ``merged``, the share that h
 pixels (> 50 %) of two or more true nuclei (a clump taught as one nucleus).
 
     python benchmarks/s4m_teacher_probe.py RUN [--images 40] [--threshold 0.5 0.7 0.9]
+    python benchmarks/s4m_teacher_probe.py RUN/checkpoints/last.pt --student   # a training checkpoint's student
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from lowlabel.engine.run import Run
+from lowlabel.engine.trainer import read_checkpoint
 from lowlabel.methods.instance import S4M
 from s4m_pr_probe import train_crops
 
@@ -35,12 +37,20 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=40)
     ap.add_argument("--crop", type=int, default=128)
     ap.add_argument("--threshold", type=float, nargs="+", default=[0.5, 0.7, 0.9])
+    ap.add_argument("--student", action="store_true", help="RUN is a training checkpoint (a run's last.pt): probe its student's weights "
+                    "(at the end of an s4m burn-in: the weights the teacher starts from)")
     args = ap.parse_args()
     run = Run.load(args.run, device="cpu")
     if run.task != "instance":
         ap.error(f"{args.run} is not an instance run")
+    if args.student:
+        state = read_checkpoint(args.run)
+        if "student" not in state:
+            ap.error(f"{args.run} is not a training checkpoint (no student weights)")
+        run.model.load_state_dict(state["student"])
+    run_dir = Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent.parent
     root = Path(run.data_root)
-    labeled = set((Path(args.run) / "splits" / "labeled.txt").read_text().split())
+    labeled = set((run_dir / "splits" / "labeled.txt").read_text().split())
     pool = [s for s in (root / "splits" / "train.txt").read_text().split() if s not in labeled][: args.images]
     crops = list(train_crops(root, pool, args.crop))
     methods = {t: S4M({"threshold": t}, num_classes=run.num_classes) for t in args.threshold}
@@ -67,7 +77,7 @@ def main() -> None:
             s["background_px"] += int((nuclei & (pseudo == 0)).sum())
     for t, s in stats.items():
         print(json.dumps({
-            "run": Path(args.run).name, "threshold": t, "crops": len(crops),
+            "run": run_dir.name, "weights": "student" if args.student else "evaluated", "threshold": t, "crops": len(crops),
             "pseudo_per_crop": round(s["kept"] / len(crops), 2), "true_per_crop": round(s["true"] / len(crops), 2),
             "precision": round(s["correct"] / max(s["kept"], 1), 3),
             "precision_75": round(s["correct_75"] / max(s["kept"], 1), 3), "merged": round(s["merged"] / max(s["kept"], 1), 3), "recall": round(s["found"] / max(s["true"], 1), 3),

@@ -1,0 +1,47 @@
+"""Is an S4M run's EMA teacher behind its student? (issue 12)
+
+Scores the ``student`` and the ``teacher`` weights of a training checkpoint (``last.pt``, any
+iteration) on the first ``--images`` val images of the run's dataset, as the run's validation does
+(``evaluate_instances``: COCO mask AP / AP50 / AP75 and the counting error). The teacher is scored
+with the BatchNorm statistics it holds; the run's own validation recomputes them first, so its
+logged value can differ a little. Prints one JSON line.
+
+    python benchmarks/s4m_student_val.py RUN/checkpoints/last.pt [--who student teacher] [--images 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from lowlabel.data.dataset import FolderDataset
+from lowlabel.data.validate import require_valid
+from lowlabel.engine.run import Run
+from lowlabel.engine.trainer import read_checkpoint
+from lowlabel.eval.instances import evaluate_instances
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("checkpoint")
+    ap.add_argument("--who", nargs="+", choices=["student", "teacher"], default=["student", "teacher"])
+    ap.add_argument("--images", type=int, default=20)
+    args = ap.parse_args()
+    state = read_checkpoint(args.checkpoint)
+    if "student" not in state:
+        ap.error(f"{args.checkpoint} is not a training checkpoint (no student weights): give a run's last.pt")
+    if "teacher" in args.who and not state.get("teacher"):
+        ap.error(f"{args.checkpoint} has no teacher (a labeled-only run): use --who student")
+    run = Run.load(args.checkpoint, device="cpu")
+    info = require_valid(run.data_root, splits=["val"], read_pixels=False)
+    val = FolderDataset(run.data_root, "val", labeled=True, info=info)
+    out = {"checkpoint": args.checkpoint, "iteration": state["iteration"]}
+    for who in args.who:
+        run.model.load_state_dict(state["student"] if who == "student" else state["teacher"]["model"])
+        r = evaluate_instances(run.model, val, eval_cfg=run.eval_cfg.model_copy(update={"max_images": args.images}), device="cpu")
+        out[who] = {k: round(r[k], 4) for k in ("ap", "ap50", "ap75", "count_mae", "predicted_instances")}
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
