@@ -88,9 +88,9 @@ def weighted_objectness_loss(objectness: torch.Tensor, labels: list[torch.Tensor
     sampler's per-image masks), each negative weighted by ``background_weight``, normalised by
     the sum of the weights. At 1 it is torchvision's (the mean over the sampled anchors)."""
     pos, neg = torch.cat(positive).bool(), torch.cat(negative).bool()
-    weight = pos.to(objectness.dtype) + background_weight * neg.to(objectness.dtype)
-    target = torch.cat(labels).clamp(min=0).to(objectness.dtype)  # -1 (ignored anchors) never sampled: weight 0
-    loss = F.binary_cross_entropy_with_logits(objectness.flatten(), target, reduction="none")
+    drawn = pos | neg  # the sampled anchors only (never an ignored one, label -1)
+    weight = torch.where(pos[drawn], 1.0, background_weight).to(objectness.dtype)
+    loss = F.binary_cross_entropy_with_logits(objectness.flatten()[drawn], torch.cat(labels)[drawn].to(objectness.dtype), reduction="none")
     return (loss * weight).sum() / weight.sum().clamp(min=1e-12)
 
 
