@@ -91,6 +91,40 @@ def test_frozen_parts_get_no_gradient_and_are_left_out_of_the_optimiser():
     assert groups["backbone"] == [] and len(groups["head"]) > 0
 
 
+def test_labeled_pixels_of_a_class_without_prompts_leave_the_labeled_loss():
+    from lowlabel.methods.base import supervised_loss
+    from lowlabel.methods.ssr_sam import SSRSAMLabeledOnly, decodable_targets, labeled_prompts
+
+    m = _model()
+    x, y = torch.rand(2, 3, 48, 48), torch.zeros(2, 48, 48, dtype=torch.long)
+    y[:, :20] = 1
+    y[:, 40, :3] = 2  # 3 pixels of class 2 an image (min_prompt_pixels 4), none in the bank: not decodable
+    prompts, _, _ = labeled_prompts(m, {"image": x, "mask": y})
+    assert [len(s) for s in prompts] == [2, 2, 0]
+    target = decodable_targets(y, prompts)
+    assert (target[y == 2] == 255).all() and torch.equal(target[y != 2], y[y != 2])
+    with torch.no_grad():
+        logits = m.decode(m.encode(x), x.shape[-2:], prompts)
+    assert supervised_loss(logits, y) > 10  # the 6 NOT_DECODABLE pixels alone add ~1e4 * 6 / 4608
+    loss_x = SSRSAMLabeledOnly(num_classes=3, model=m).training_step(m, None, {"image": x, "mask": y}, None, None).losses["loss_x"]
+    assert torch.isclose(loss_x, supervised_loss(logits, target), rtol=1e-4) and loss_x < 5
+
+
+def test_training_says_when_the_mspg_stays_random_and_frozen(capsys):
+    from types import SimpleNamespace
+
+    from lowlabel.methods.ssr_sam import SSRSAMLabeledOnly
+
+    run = SimpleNamespace(teacher_kind="none")
+    SSRSAMLabeledOnly(num_classes=3, model=_model(train_mspg=False)).attach(run)
+    assert "MSPG's ViT is frozen with random weights" in capsys.readouterr().out
+    SSRSAMLabeledOnly(num_classes=3, model=_model(train_mspg=True)).attach(run)
+    loaded = _model(train_mspg=False)
+    loaded.load_weights(_model(train_mspg=False).state_dict())  # a whole SSR-SAM model: its MSPG comes with it
+    SSRSAMLabeledOnly(num_classes=3, model=loaded).attach(run)
+    assert "MSPG" not in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("encoder", ["vit_t", "vit_b"])
 def test_official_checkpoint_layouts_load_strictly(tmp_path, encoder):
     """A SAM checkpoint (segment_anything's Sam, or MobileSAM) loads into g and h by its own key

@@ -19,6 +19,10 @@ terms, before UniMatch's halving, plus the prompt term at the feature term's wei
 code weighs 0.5 / 0.25 + 0.25 / 1.0 with no lambda); k = 8 prompts per class (the paper's Fig. 3
 varies k and gives no default; the reference code draws about n / 8 of an n-prompt bank); each
 unlabeled term is the mean over the batch's valid pixels of the masked cross-entropy (UniMatch's).
+Deviations: the k prompts are drawn once per step for the whole unlabeled batch (the paper draws
+them "for each unlabeled image"; the reference code also draws per batch), and the strong views
+are UniMatch's recipe (colour jitter p 0.8, random greyscale p 0.2, Gaussian blur p 0.5, CutMix p 0.5
+with the next image of the batch) where the paper names colour and CutMix.
 ``perturbations`` selects the terms for the paper's ablation (Table 4): ``[prompt]``,
 ``[image, feature]``, or all three (default). ``ssr_sam_labeled`` is the labeled-only retrieval
 baseline (eq. 6 alone, the paper's "Labeled Only").
@@ -39,8 +43,12 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
+from typing import Sequence
+
 from ..augment.transforms import mix
+from ..data.dataset import IGNORE_INDEX
 from ..models.ssr_sam import sample_prompts
+from ..utils import console
 from .base import LossParams, Method, StepOutput, masked_pseudo_loss, mix_partner, pseudo_label_metrics, pseudo_labels, supervised_loss
 
 
@@ -89,6 +97,17 @@ def labeled_prompts(student, labeled: dict) -> tuple[list[torch.Tensor], torch.T
     return full, tokens, classes
 
 
+def decodable_targets(mask: torch.Tensor, prompts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``mask`` with the pixels of classes that have no prompt set to IGNORE_INDEX. Such a class
+    (fewer than ``min_prompt_pixels`` in the batch, none in the bank yet) is decoded as the constant
+    NOT_DECODABLE: its labeled pixels cost ~1e4 each and their gradient only pushes the other
+    classes' logits down, so the labeled loss leaves them out until the class has a prompt."""
+    absent = [c for c, s in enumerate(prompts) if len(s) == 0]
+    if not absent:
+        return mask
+    return mask.masked_fill(torch.isin(mask, torch.tensor(absent, device=mask.device)), IGNORE_INDEX)
+
+
 class SSRSAMLabeledOnly(Method):
     """The labeled-only retrieval baseline: eq. 6 alone, the bank filled from the labeled data."""
 
@@ -99,8 +118,13 @@ class SSRSAMLabeledOnly(Method):
     def __init__(self, params=None, *, num_classes: int, model=None):
         super().__init__(params, num_classes=num_classes, model=model)
         _check_model(model)
+        self.random_mspg = model is not None and not model.options.train_mspg and not model.mspg_loaded
 
     def attach(self, run) -> None:
+        if self.random_mspg:
+            console().print("[yellow]note[/]: the MSPG's ViT is frozen with random weights (no model.options.mspg_weights): its prompts carry "
+                            "no learned semantics. The paper's is pre-trained: give a local torchvision ViT-B/16 state dict, or set "
+                            "model.options.train_mspg: true to train it")
         if run.teacher_kind not in ("self", "none"):  # an averaged network would average the prompt bank's tokens too
             from ..errors import ConfigError
 
@@ -110,7 +134,8 @@ class SSRSAMLabeledOnly(Method):
     def training_step(self, student, teacher, labeled, unlabeled, ctx):
         prompts, tokens, classes = labeled_prompts(student, labeled)
         x = labeled["image"]
-        loss_x = supervised_loss(student.decode(student.encode(x), x.shape[-2:], prompts), labeled["mask"], self.p.labeled_loss, labeled.get("weight"))
+        loss_x = supervised_loss(student.decode(student.encode(x), x.shape[-2:], prompts), decodable_targets(labeled["mask"], prompts),
+                                 self.p.labeled_loss, labeled.get("weight"))
         student.bank.add(tokens, classes)
         return StepOutput({"loss": loss_x, "loss_x": loss_x.detach()}, _cache_metrics(student, tokens), {"x": loss_x})
 
@@ -146,7 +171,7 @@ class SSRSAMMethod(SSRSAMLabeledOnly):
         def pseudo_loss(pred, target=pseudo, c=conf, v=valid):
             return masked_pseudo_loss(pred, target, c, v, p.threshold, p.unlabeled_loss)
 
-        terms = {"x": supervised_loss(pred_x, labeled["mask"], p.labeled_loss, labeled.get("weight"))}
+        terms = {"x": supervised_loss(pred_x, decodable_targets(labeled["mask"], prompts), p.labeled_loss, labeled.get("weight"))}
         losses = {"loss_x": terms["x"].detach()}
         if "feature" in p.perturbations:
             fp = pseudo_loss(student.decode([torch.nn.functional.dropout2d(f, p.fp_dropout, training=True) for f in feats_u], size, full))

@@ -19,19 +19,22 @@ The parts, as the paper has them, and where lowlabel decides what it leaves open
 - **MSPG** (eqs. 1-2): each class c present in a labeled image gives x ⊙ m_c (the normalised image,
   zero outside the class), resized to the ViT's input size, and the ViT's [CLS] output is the
   prompt s_c. ``mspg``: ``vit_b_16`` (torchvision's ViT-B/16 at 224², frozen unless trained; a
-  local checkpoint through ``model.pretrained``) or ``tiny`` (a 4-layer, 192-wide ViT at 64², for
+  local checkpoint through ``model.options.mspg_weights``; training says so when it stays frozen
+  with random weights) or ``tiny`` (a 4-layer, 192-wide ViT at 64², for
   from-scratch runs). Classes covering fewer than ``min_prompt_pixels`` pixels of an image give no
   prompt (a stated choice: a few stray pixels make no semantic prompt).
 - **Prompt bank**: the prompts of the labeled data per class, a FIFO of ``bank_size`` per class
-  (the paper keeps "arbitrary" numbers per class and no update rule: with a frozen MSPG a bank
-  filled once is the paper's; with a trained MSPG the FIFO keeps the newest prompts). Buffers, so
-  a checkpoint carries its bank and ``predict`` decodes with it.
+  (a deviation: the paper's teacher uses all the prompts extracted from labeled data, with no
+  update rule; here prompts are made from each step's augmented labeled crops, so the FIFO holds
+  the newest ``bank_size`` of them, all of them only while a class has that few). Buffers, so a
+  checkpoint carries its bank and ``predict`` decodes with it.
 - **Prompt compression** (eqs. 3-4): prompts are first projected to the decoder's width (256; the
   paper's W_k, W_v are d x d and leave this projection implicit), then per class
   s_c^com = softmax(q_c K_c^T / sqrt(d)) V_c with one learnable query q_c (``queries``; the
   reference code uses 8 queries and 8 heads: ``queries: 8`` gives that many tokens, one head as
   eq. 4). A class without any prompt is not decodable: its logits are a large negative constant,
-  so it is never predicted (no labeled pixel of it exists either).
+  so it is never predicted, and its labeled pixels are left out of the labeled loss until it has
+  a prompt (``lowlabel.methods.ssr_sam.decodable_targets``).
 - **Decoding** (eq. 5): SAM's mask decoder (two-way transformer) takes the compressed tokens of a
   class as sparse prompt embeddings, SAM's no-mask dense embedding and positional encoding, and
   returns one mask logit map per class (single-mask output); the C maps, stacked, are the class
@@ -274,6 +277,7 @@ class SSRSAM(nn.Module):
         self.mspg = MSPG(o.mspg)
         self.mspg.requires_grad_(o.train_mspg)
         self.compression = PromptCompression(num_classes, self.mspg.dim, 256, o.queries)
+        self.mspg_loaded = False  # whether load_weights gave the MSPG weights (its ViT's, or a whole model's)
         if o.mspg_weights:
             self.load_weights(torch.load(o.mspg_weights, map_location="cpu", weights_only=True))
         self.bank = PromptBank(num_classes, self.mspg.dim, o.bank_size)
@@ -380,8 +384,10 @@ class SSRSAM(nn.Module):
             return "SAM image encoder, prompt encoder and mask decoder"
         if "class_token" in state and "conv_proj.weight" in state:
             self.mspg.vit.load_state_dict({k: v for k, v in state.items() if not k.startswith("heads.")}, strict=True)
+            self.mspg_loaded = True
             return "MSPG ViT"
         self.load_state_dict(state, strict=True)
+        self.mspg_loaded = True
         return "SSR-SAM model"
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
