@@ -40,10 +40,10 @@ feature perturbations are unchanged (they act after g). ``embedding_cache_hit_ra
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from pydantic import Field
-
-from typing import Sequence
 
 from ..augment.transforms import mix
 from ..data.dataset import IGNORE_INDEX
