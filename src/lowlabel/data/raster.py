@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .dataset import DatasetError
+from ..errors import DatasetError
 
 # extensions routed to GDAL (PNG / JPEG stay with PIL, which reads them as fast and needs no GDAL)
 RASTER_EXTENSIONS = (".tif", ".tiff", ".jp2", ".vrt", ".img")

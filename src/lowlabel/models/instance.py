@@ -47,10 +47,10 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from .normalization import MEAN, STD
+
 INSTANCE_ARCHS = ("maskrcnn",)
 INSTANCE_ENCODERS = ("resnet18", "resnet34", "resnet50")
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
 
 
 class InstanceOptions(BaseModel):

@@ -30,9 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .instance import INSTANCE_ARCHS, build_instance_model
-
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
+from .normalization import MEAN, STD
 
 
 

@@ -262,7 +262,7 @@ class SSRSAM(nn.Module):
         super().__init__()
         from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
 
-        from .segmenter import MEAN, STD
+        from .normalization import MEAN, STD
 
         if in_channels not in (1, 3):
             raise ValueError(f"ssr-sam's SAM encoder takes RGB (in_channels 3) or grey (1), got {in_channels}")
