@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import math
+import os
 import sys
 from pathlib import Path
 
@@ -73,6 +77,11 @@ def _cmd_evaluate(args) -> int:
 
         run = Run.load(target, device=args.device)
         summary = run.evaluate(args.data, split=args.split, progress=True)
+    if args.out:
+        atomic_write_json(args.out, summary)
+    if args.json:
+        args.json_result = summary
+        return 0
     title = f"{summary['dataset']} / {summary['split']} ({summary['images']} images)"
     if summary.get("task") == "instance":
         from .eval.instances import instance_table
@@ -81,7 +90,6 @@ def _cmd_evaluate(args) -> int:
     else:
         console().print(metrics_table(summary, title))
     if args.out:
-        atomic_write_json(args.out, summary)
         print(f"metrics -> {args.out}")
     return 0
 
@@ -131,10 +139,48 @@ def _cmd_quickstart(args) -> int:
 
 def _cmd_bench(args) -> int:
     from .bench import run_protocol
+    from .utils import console
 
     res = run_protocol(args.protocol, out=args.out, only=args.only or None, in_process=args.in_process)
-    print(f"{res['cells']} cell(s) finished; results in {args.out or 'benchmarks/results/' + res['protocol']}")
+    results_dir = args.out or f"benchmarks/results/{res['protocol']}"
+    if args.json:
+        args.json_result = {"results_dir": str(results_dir), **res}
+        return 0
+    if res["rows"]:
+        console().print(bench_table(res))
+    print(f"{res['cells']} cell(s) finished; results in {results_dir}")
     return 0
+
+
+def bench_table(res: dict):
+    """The summary of a protocol's results (``bench.aggregate``'s dict): one row per method and
+    labeled fraction, its test score (mean ± std over seeds, and per seed). Method names fold
+    rather than being cut when the table is narrower than them."""
+    from rich.table import Table
+
+    from .bench import _labeled_name
+
+    rows = res["rows"]
+    if all("ap_mean" in r for r in rows):
+        metric, key = "test mask AP (%)", "ap"
+    elif all(r.get("dice_mean") is not None for r in rows):
+        metric, key = "test Dice (%)", "dice"
+    else:
+        metric, key = "test mIoU (%)", "test_miou"
+
+    def pct(v):
+        return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
+
+    t = Table(title=f"{res['protocol']}: {res['cells']} cell(s)")
+    t.add_column("method", overflow="fold")
+    t.add_column("labeled", overflow="fold")
+    t.add_column("seeds")
+    t.add_column(metric, justify="right", no_wrap=True)
+    t.add_column("per seed", justify="right")
+    for r in rows:
+        t.add_row(r["method"], _labeled_name(r["fraction"]), ",".join(map(str, r["seeds"])),
+                  f"{pct(r[key + '_mean'])} ± {pct(r[key + '_std'])}", ", ".join(pct(v) for v in r[key + "_per_seed"]))
+    return t
 
 
 def _cmd_weaken(args) -> int:
@@ -176,7 +222,7 @@ def _cmd_refine(args) -> int:
 
 
 def _cmd_weights(args) -> int:
-    from rich.table import Table
+    import dataclasses
 
     from .sam.weights import CHECKPOINTS, download
     from .utils import console
@@ -185,13 +231,25 @@ def _cmd_weights(args) -> int:
         path, digest = download(args.name, args.to)
         print(f"{path}\nsha256 {digest} (verified)")
         return 0
+    if getattr(args, "json", False):
+        args.json_result = [dataclasses.asdict(c) for c in CHECKPOINTS.values()]
+        return 0
+    console().print(weights_table(CHECKPOINTS.values()))
+    return 0
+
+
+def weights_table(checkpoints):
+    """The ``weights list`` table. Identifiers (name, SHA-256, URL) fold onto further lines
+    where a narrow terminal has no room for them, never cut; off a terminal the console is wide
+    enough that each stays on one line (:func:`lowlabel.utils.console`)."""
+    from rich.table import Table
+
     t = Table(title="promptable segmenter checkpoints (local files only; lowlabel never downloads during training)")
     for col in ("name", "backend", "model", "size", "sha256", "url"):
-        t.add_column(col)
-    for c in CHECKPOINTS.values():
+        t.add_column(col, overflow="fold", no_wrap=col in ("size",))
+    for c in checkpoints:
         t.add_row(c.name, c.backend, c.model_type, f"~{c.approx_mb} MB", c.sha256, c.url)
-    console().print(t)
-    return 0
+    return t
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -237,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="test")
     e.add_argument("--device", default="auto")
     e.add_argument("--out", help="write the metrics as JSON here")
+    e.add_argument("--json", action="store_true", help="print the metrics as JSON on stdout instead of the table (progress goes to stderr)")
     e.set_defaults(func=_cmd_evaluate)
 
     pr = sub.add_parser("predict", help="label masks and colour overlays for a folder of images of any size")
@@ -257,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", help="results folder (default: benchmarks/results/<protocol name>)")
     b.add_argument("--in-process", action="store_true",
                    help="train each cell in this process, not in a fresh child process (which keeps the cells' memory apart)")
+    b.add_argument("--json", action="store_true", help="print the results summary (results.json's content) as JSON on stdout; progress goes to stderr")
     b.set_defaults(func=_cmd_bench)
 
     r = sub.add_parser("retrieve", help="zero-shot exemplar retrieval with an SSR-SAM model: segment what a masked exemplar region shows in other images")
@@ -300,7 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     wt = sub.add_parser("weights", help="official SAM / MobileSAM / SAM 2 checkpoints")
     wsub = wt.add_subparsers(dest="weights_command", metavar="SUBCOMMAND")
-    wsub.add_parser("list", help="name, URL, size, SHA-256").set_defaults(func=_cmd_weights)
+    wl = wsub.add_parser("list", help="name, URL, size, SHA-256")
+    wl.add_argument("--json", action="store_true", help="print the list as JSON")
+    wl.set_defaults(func=_cmd_weights)
     wd = wsub.add_parser("download", help="download and verify a checkpoint (needs internet)")
     wd.add_argument("name")
     wd.add_argument("--to", required=True)
@@ -329,7 +391,18 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import LowlabelError
 
     try:
-        return int(args.func(args) or 0)
+        if not getattr(args, "json", False):
+            return int(args.func(args) or 0)
+        args.json_result = None
+        with _stdout_to_stderr():  # with --json, stdout carries the JSON document only
+            rc = int(args.func(args) or 0)
+        if args.json_result is not None:
+            print(json.dumps(_finite(args.json_result), indent=2, allow_nan=False))
+        return rc
+    except BrokenPipeError:  # the reader of stdout stopped early (`| head`): nothing left to say
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 1
     except (LowlabelError, FileNotFoundError, ValueError, ConnectionError, ImportError) as err:
         if args.debug:
             raise
@@ -339,6 +412,42 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """Send everything written to stdout meanwhile to stderr: Python's ``sys.stdout`` (rich's
+    consoles and progress bars write there), and file descriptor 1 (child processes, such as
+    ``bench``'s cells, and native code)."""
+    sys.stdout.flush()
+    saved = None
+    with contextlib.suppress(OSError, ValueError):
+        saved = os.dup(1)
+        os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stderr.flush()
+        if saved is not None:
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
+def _finite(obj):
+    """``obj`` as plain JSON types, with NaN and infinities (an undefined mean) as ``null``."""
+    from .utils import _json_default
+
+    def clean(o):
+        if isinstance(o, float):
+            return o if math.isfinite(o) else None
+        if isinstance(o, dict):
+            return {k: clean(v) for k, v in o.items()}
+        if isinstance(o, list):
+            return [clean(v) for v in o]
+        return o
+
+    return clean(json.loads(json.dumps(obj, default=_json_default)))
 
 
 if __name__ == "__main__":

@@ -76,10 +76,21 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+#: the width tables and text are laid out at when stdout is not a terminal (a pipe, a file, a
+#: captured log): wide enough that no table column is cut or folded, so ``| cat`` / ``| grep`` see
+#: every identifier (hashes, paths) whole, on one line
+PIPE_WIDTH = 10_000
+
+
 def console():
+    """The console commands print to: stdout, at the terminal's width on a terminal and at
+    :data:`PIPE_WIDTH` otherwise (rich's default there is 80 columns, which cut long columns)."""
     from rich.console import Console
 
-    return Console(stderr=False, highlight=False)
+    con = Console(stderr=False, highlight=False)
+    if not con.is_terminal and not con.is_jupyter:
+        con = Console(stderr=False, highlight=False, width=PIPE_WIDTH)
+    return con
 
 
 @contextlib.contextmanager
