@@ -168,6 +168,7 @@ def _run_cell(cell: dict, out_dir: str, split: str, report) -> None:
             "eval_seconds": round(eval_seconds, 1),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "val_history": hist, "pseudo_accuracy_history": pseudo_acc, "device": summary["device"], "torch_threads": torch.get_num_threads(),
+            "precision": summary.get("precision"), "channels_last": summary.get("channels_last"),
             "config": cfg.model_dump(mode="json"),
         })
     except BaseException as err:  # report, do not hang the parent
@@ -218,6 +219,16 @@ def run_protocol(path: str | Path, out: str | Path | None = None, only: list[str
     return aggregate(out, proto)
 
 
+def cell_precision(rec: dict) -> str:
+    """The precision a cell trained in: its record's, or for a cell from before
+    ``train.precision`` the one that code used (fp16 autocast on CUDA with amp, else fp32)."""
+    if rec.get("precision"):
+        return rec["precision"]
+    from .precision import legacy_precision
+
+    return legacy_precision("cuda" if str(rec.get("device", "cpu")).startswith("cuda") else "cpu", (rec.get("config") or {}).get("train", {}).get("amp", "auto"))
+
+
 def _mean_std(vals: list[float]) -> tuple[float, float]:
     vals = [v for v in vals if v is not None]
     if not vals:
@@ -258,6 +269,7 @@ def aggregate(out: str | Path, proto: dict | None = None) -> dict:
             "seconds_per_iteration": _mean_std([r["seconds_per_iteration"] for r in rs])[0],
             "step_seconds": _mean_std([r.get("step_seconds") for r in rs])[0],
             "torch_threads": sorted({r.get("torch_threads") for r in rs if r.get("torch_threads")}),
+            "precision": sorted({cell_precision(r) for r in rs}),
             "images_per_second": _mean_std([r["images_per_second"] for r in rs])[0],
             "train_minutes": _mean_std([r["train_seconds"] / 60 for r in rs])[0],
             "peak_rss_mb": max(r["peak_rss_mb"] for r in rs),
@@ -339,7 +351,7 @@ def markdown_table(results: dict) -> str:
     with_cost = all("annotation_hours" in r for r in rows)
     with_wvf = all(r.get("wvf") is not None for r in rows)
     head += (["WvF (%)"] if with_wvf else []) + (["labels", "annotation h"] if with_cost else [])
-    head += [f"{c} {'Dice' if with_dice else 'IoU'}" for c in classes] + ["s/step", "img/s", "threads", "train min", "peak MB"]
+    head += [f"{c} {'Dice' if with_dice else 'IoU'}" for c in classes] + ["s/step", "img/s", "threads", "precision", "train min", "peak MB"]
     lines = [f"# {results['protocol']}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def pct(v):
@@ -357,7 +369,7 @@ def markdown_table(results: dict) -> str:
         cells_ += [pct(r["wvf"])] if with_wvf else []
         cells_ += [f"{r['labeled_images']:.0f} x {r['label_kind']}", f"{r['annotation_hours']:.1f}"] if with_cost else []
         cells_ += [pct((r["per_class_dice_mean"] if with_dice else r["per_class_iou_mean"])[c]) for c in classes]
-        cells_ += [f"{r['step_seconds']:.2f}", f"{r['images_per_second']:.1f}", ",".join(map(str, r.get("torch_threads", []))), f"{r['train_minutes']:.1f}", f"{r['peak_rss_mb']:.0f}"]
+        cells_ += [f"{r['step_seconds']:.2f}", f"{r['images_per_second']:.1f}", ",".join(map(str, r.get("torch_threads", []))), ",".join(r.get("precision") or ["fp32"]), f"{r['train_minutes']:.1f}", f"{r['peak_rss_mb']:.0f}"]
         lines.append("| " + " | ".join(cells_) + " |")
     lines += [
         *(["", f"Dice: mean foreground Dice, {'per volume (slices of one volume stacked), averaged over volumes' if rows[0].get('dice_by') == 'volume' else 'pooled over the split'}; per-class columns are Dice."] if with_dice else []),
@@ -365,7 +377,8 @@ def markdown_table(results: dict) -> str:
         *(["", "annotation h: labeled images x SeSAM's per-image annotation times (sec. 4, Cityscapes: fine 90 min, coarse 7 min, "
                "scribble 2.2 min, point 45 s) — a model of relative cost, not a measurement on these images; see cost_vs_score.png."] if with_cost else []),
         "", "s/step: seconds per training step (median over logging intervals, so validation is left out); "
-        "img/s: labeled + unlabeled images per second of training steps (timings depend on the threads and on what else ran; see the cells' JSON); train min: wall time including validation.",
+        "img/s: labeled + unlabeled images per second of training steps (timings depend on the threads and on what else ran; see the cells' JSON); "
+        "precision: what the training steps computed in (train.precision; fp32 for cells from before it); train min: wall time including validation.",
         "", f"Commits: {', '.join(c[:10] for c in results['commits'])}. Machines: {'; '.join(results['machines'])}.", ""]
     pseudo = [r for r in rows if r.get("pseudo_labels")]
     if pseudo:

@@ -75,7 +75,7 @@ def _cmd_evaluate(args) -> int:
     else:
         from .engine.run import Run
 
-        run = Run.load(target, device=args.device)
+        run = Run.load(target, device=args.device, precision=args.precision)
         summary = run.evaluate(args.data, split=args.split, progress=True)
     if args.out:
         atomic_write_json(args.out, summary)
@@ -113,7 +113,7 @@ def _cmd_fit(args) -> int:
 def _cmd_predict(args) -> int:
     from .engine.run import Run
 
-    run = Run.load(args.checkpoint, device=args.device)
+    run = Run.load(args.checkpoint, device=args.device, precision=args.precision)
     written = run.predict_folder(args.images, args.out, overlays=not args.no_overlay, progress=True, confidence=args.confidence,
                                 vector=args.vector, min_area=args.min_area, simplify=args.simplify)
     print(f"{len(written)} prediction(s) -> {args.out}")
@@ -123,7 +123,7 @@ def _cmd_predict(args) -> int:
 def _cmd_retrieve(args) -> int:
     from .engine.run import Run
 
-    run = Run.load(args.model, device=args.device)
+    run = Run.load(args.model, device=args.device, precision=args.precision)
     masks = run.retrieve(args.exemplar, args.exemplar_mask, [Path(q) for q in args.queries] if len(args.queries) > 1 else args.queries[0], args.out,
                          overlays=not args.no_overlay)
     print(f"{len(masks)} quer{'y' if len(masks) == 1 else 'ies'} -> {args.out} (retrieved share: {', '.join(f'{100 * m.mean():.1f}%' for m in masks[:8])}{' ...' if len(masks) > 8 else ''})")
@@ -208,7 +208,7 @@ def _cmd_refine(args) -> int:
     info = DatasetInfo.load(args.dataset)
     folder = str(info.weak_labels.get(args.weak, args.weak)).rstrip("/")
     kind = args.kind or {"points": "point", "scribbles": "scribble"}.get(folder, "coarse")
-    seg = build_segmenter(args.backend, checkpoint=args.checkpoint, model_type=args.model_type, device=args.device)
+    seg = build_segmenter(args.backend, checkpoint=args.checkpoint, model_type=args.model_type, device=args.device, precision=args.precision)
     if seg.weights_id.startswith("random") and not args.allow_random_weights:
         raise ConfigError(f"refine --backend {args.backend}: no checkpoint (--checkpoint or LOWLABEL_SAM_CHECKPOINT), so its weights would be "
                           "random and its masks meaningless; give a checkpoint (`lowlabel weights list`), or --allow-random-weights to test the pipeline")
@@ -294,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="dataset folder (default for runs: the run's own dataset)")
     e.add_argument("--split", default="test")
     e.add_argument("--device", default="auto")
+    e.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help="numeric precision (default: the run's eval.precision, whose auto follows its train.precision); fp16 on CUDA only")
     e.add_argument("--out", help="write the metrics as JSON here")
     e.add_argument("--json", action="store_true", help="print the metrics as JSON on stdout instead of the table (progress goes to stderr)")
     e.set_defaults(func=_cmd_evaluate)
@@ -303,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("images", help="a folder of images, or one image")
     pr.add_argument("--out", required=True)
     pr.add_argument("--device", default="auto")
+    pr.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help="numeric precision (default: the run's eval.precision, whose auto follows its train.precision); fp16 on CUDA only")
     pr.add_argument("--no-overlay", action="store_true")
     pr.add_argument("--confidence", action="store_true", help="georeferenced inputs: add a confidence band (0-254, 255 = nodata) to the GeoTIFF")
     pr.add_argument("--vector", choices=["gpkg", "geojson"], help="georeferenced inputs: also write the label map's polygons per class")
@@ -326,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--exemplar-mask", required=True, help="its mask: non-zero (and not 255) pixels mark the region to retrieve")
     r.add_argument("--out", required=True, help="folder for <id>.png masks (1 = retrieved) and overlays/")
     r.add_argument("--device", default="auto")
+    r.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help="numeric precision (default: the run's eval.precision, whose auto follows its train.precision); fp16 on CUDA only")
     r.add_argument("--no-overlay", action="store_true")
     r.set_defaults(func=_cmd_retrieve)
 
@@ -354,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--cache", help="embedding cache folder (reused across runs)")
     r.add_argument("--limit", type=int, help="only the first N images")
     r.add_argument("--device", default="cpu")
+    r.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="precision of the SAM image encoder (auto: bf16 where the device runs it natively, else fp32); part of the embedding-cache key")
     r.add_argument("--out", required=True)
     r.add_argument("--overwrite", action="store_true", help="replace an --out refined before with other settings")
     r.set_defaults(func=_cmd_refine)

@@ -121,11 +121,21 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(200, ge=1)
     log_every: int = Field(10, ge=1)
     device: str = "auto"
-    amp: bool | Literal["auto"] = "auto"  # on for CUDA, off on CPU
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="numeric precision of the training step: auto = bf16 where the device runs it natively (a CPU with amx_bf16 / avx512_bf16, a CUDA GPU with bf16), else fp32; fp16 (with a GradScaler) on CUDA only. Losses, thresholded confidences, BN statistics and teacher averages stay fp32 (lowlabel.precision)")
+    channels_last: bool | Literal["auto"] = Field("auto", description="channels_last memory format for the model and its batches (training, evaluation, prediction); auto: where the model class says it pays (the convolutional segmenters)")
+    amp: bool | Literal["auto"] | None = Field(None, description="replaced by train.precision; 'auto' (the old default) is accepted and ignored")
     seed: int = 0
     deterministic: bool = False
     select: Literal["miou", "dice_mean", "ap", "ap50"] = Field("miou", description="validation metric that picks the best checkpoint (miou / dice_mean: semantic runs; ap / ap50: instance runs, where the default miou means ap)")
     grad_norm_every: int = Field(0, ge=0, description="every N steps, log the encoder gradient norm of each weighted loss term (0: off)")
+
+    @field_validator("amp")
+    @classmethod
+    def _amp_moved(cls, v):
+        if isinstance(v, bool):
+            raise ValueError(f"train.amp was replaced by train.precision (auto | fp32 | bf16 | fp16): for amp: {str(v).lower()} set "
+                             + ("precision: fp16 (CUDA's float16 autocast, as amp: true was) or auto" if v else "precision: fp32"))
+        return v
 
     @model_validator(mode="after")
     def _budget(self):
@@ -141,6 +151,7 @@ class EvalConfig(_Strict):
     batch_size: int = Field(4, ge=1)
     max_images: int | None = Field(None, ge=1)
     resize: int | None = Field(None, description="predict on each image resized whole to this size, scores resized back (set it to data.crop when data.resize is on)")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="numeric precision of evaluation and prediction: auto = train.precision when that is set, else the device's fast precision (see train.precision); scores are stitched in fp32")
 
 
 class Config(_Strict):
@@ -318,6 +329,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     except ValidationError as err:
         raise config_error(err, path) from None
     return resolve_method_params(cfg)
+
+
+def eval_precision(cfg: Config | None) -> str:
+    """The precision evaluation and prediction ask for: ``eval.precision``, or with ``auto`` the
+    training's ``train.precision`` (so an fp32 protocol is fp32 throughout)."""
+    if cfg is None:
+        return "auto"
+    return cfg.eval.precision if cfg.eval.precision != "auto" else cfg.train.precision
 
 
 def dump_config(cfg: Config) -> str:

@@ -9,12 +9,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..config import Config, EvalConfig
+from ..config import Config, EvalConfig, eval_precision
 from ..data.dataset import IMAGE_EXTENSIONS, DatasetError, FolderDataset, as_rgb, check_image_file, write_label
 from ..data.validate import require_valid
 from ..data.tiling import WindowReader, open_reader
 from ..eval.inference import Prediction, for_eval, sliding_window
 from ..models import build_model
+from ..precision import resolve_precision
 from ..utils import progress_bar, resolve_device
 from ..errors import CheckpointError
 from .trainer import evaluate_model, read_checkpoint
@@ -24,13 +25,20 @@ class Run:
     """A model with its classes, palette and evaluation settings.
 
     Attributes: ``model`` (the evaluated network: the teacher for EMA/momentum teachers),
-    ``classes``, ``palette``, ``config`` (the training config when known), ``run_dir``.
+    ``classes``, ``palette``, ``config`` (the training config when known), ``run_dir``,
+    ``precision`` (the resolved :class:`~lowlabel.precision.Precision` that evaluation and
+    prediction run in: ``precision`` if given, else the config's ``eval.precision``, whose
+    ``auto`` follows ``train.precision``; see :func:`lowlabel.config.eval_precision`).
     """
 
-    def __init__(self, model, classes, palette, *, config: Config | None = None, run_dir: Path | None = None, device="cpu", data_root=None):
+    def __init__(self, model, classes, palette, *, config: Config | None = None, run_dir: Path | None = None, device="cpu", data_root=None,
+                 precision: str | None = None):
         self.model = model.to(device).eval()
         self.classes, self.palette = list(classes), [tuple(c) for c in palette]
         self.config, self.run_dir, self.device = config, run_dir, torch.device(device)
+        self.precision = resolve_precision(precision or eval_precision(config), self.device, model=self.model, setting="precision",
+                                           channels_last=config.train.channels_last if config else "auto")
+        self.precision.prepare(self.model)
         self.data_root = data_root
         self.eval_cfg = config.eval if config else EvalConfig()
         self.task = getattr(model, "task", "semantic")
@@ -44,8 +52,9 @@ class Run:
         return (self.config.data.bands, self.config.data.value_range) if self.config else (None, None)
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "auto") -> "Run":
-        """From a run directory (its best checkpoint, else its last) or a checkpoint file."""
+    def load(cls, path: str | Path, device: str = "auto", precision: str | None = None) -> "Run":
+        """From a run directory (its best checkpoint, else its last) or a checkpoint file;
+        ``precision`` (auto / fp32 / bf16 / fp16) overrides the run's evaluation precision."""
         path = Path(path)
         run_dir = None
         if path.is_dir():
@@ -72,7 +81,8 @@ class Run:
             raise CheckpointError(path, f"weights do not fit {spec['arch']}/{spec['encoder']}: {str(err).splitlines()[0][:200]}") from None
         cfg = Config.model_validate(state["config"]) if state.get("config") else None
         meta = state["dataset"]
-        return cls(model, meta["classes"], meta["palette"], config=cfg, run_dir=run_dir or path.parent.parent, device=resolve_device(device), data_root=meta.get("root"))
+        return cls(model, meta["classes"], meta["palette"], config=cfg, run_dir=run_dir or path.parent.parent, device=resolve_device(device), data_root=meta.get("root"),
+                   precision=precision)
 
     def predict(self, image: np.ndarray | torch.Tensor | WindowReader | str | Path, *, return_probs: bool = False, progress=None, sink=None) -> Prediction:
         """Predict one image of any size (tiled by the run's eval settings). ``image``: uint8
@@ -84,7 +94,7 @@ class Run:
         e = self.eval_cfg
         return sliding_window(
             for_eval(self.model, e), image, self.num_classes, tile=e.tile, overlap=e.overlap, weighting=e.weighting,
-            batch_size=e.batch_size, device=self.device, return_probs=return_probs, progress=progress, sink=sink,
+            batch_size=e.batch_size, device=self.device, return_probs=return_probs, progress=progress, sink=sink, precision=self.precision,
         )
 
     def retrieve(self, exemplar: np.ndarray | str | Path, exemplar_mask: np.ndarray | str | Path, queries, out: str | Path | None = None,
@@ -121,7 +131,8 @@ class Run:
         for i, query in enumerate(queries):
             img = read_image(query) if isinstance(query, (str, Path)) else query
             e = self.eval_cfg
-            labels = sliding_window(net, img, 2, tile=min(e.tile, side), overlap=e.overlap, weighting=e.weighting, batch_size=e.batch_size, device=self.device).labels
+            labels = sliding_window(net, img, 2, tile=min(e.tile, side), overlap=e.overlap, weighting=e.weighting, batch_size=e.batch_size, device=self.device,
+                                    precision=self.precision).labels
             results.append(labels == 1)
             if out is not None:
                 name = Path(query).stem if isinstance(query, (str, Path)) else f"query_{i:04d}"
@@ -145,7 +156,7 @@ class Run:
             reader = open_reader(image, *self.raster_options())
             image = reader.read(0, 0, reader.height, reader.width)
         e = self.eval_cfg
-        return predict_instances(self.model, image, tile=e.tile, overlap=e.overlap, score_threshold=score_threshold, device=self.device)
+        return predict_instances(self.model, image, tile=e.tile, overlap=e.overlap, score_threshold=score_threshold, device=self.device, precision=self.precision)
 
     def evaluate(self, data: str | Path | None = None, split: str = "test", progress: bool = False) -> dict:
         """mIoU, per-class IoU, Dice (pooled and per volume) and pixel accuracy on a labeled split
@@ -163,10 +174,12 @@ class Run:
 
             if info.task != "instance":
                 raise DatasetError(root, f"an instance model is scored on an instance dataset; this one's task is {info.task!r}")
-            out = evaluate_instances(self.model, ds, eval_cfg=self.eval_cfg.model_copy(update={"max_images": None}), device=self.device, progress=progress)
+            out = evaluate_instances(self.model, ds, eval_cfg=self.eval_cfg.model_copy(update={"max_images": None}), device=self.device, progress=progress,
+                                     precision=self.precision)
             out.update({"split": split, "dataset": info.name, "task": "instance"})
             return out
-        scores = evaluate_model(self.model, ds, num_classes=self.num_classes, eval_cfg=self.eval_cfg.model_copy(update={"max_images": None}), device=self.device, progress=progress)
+        scores = evaluate_model(self.model, ds, num_classes=self.num_classes, eval_cfg=self.eval_cfg.model_copy(update={"max_images": None}), device=self.device, progress=progress,
+                                precision=self.precision)
         out = scores.summary(info.classes)
         out.update({"images": len(ds), "split": split, "dataset": info.name})
         return out

@@ -27,7 +27,6 @@ import pickle
 import random
 import time
 import zipfile
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +41,7 @@ from ..eval.inference import for_eval, sliding_window
 from ..eval.metrics import Scores
 from ..methods import RunContext, StepContext, build_method, get_method_class
 from ..models import build_model
+from ..precision import Precision, legacy_precision, resolve_precision
 from ..utils import atomic_torch_save, atomic_write_json, atomic_write_text, console, progress_bar, remove_orphan_temps, resolve_device
 from .data import Stream, build_sets
 from .optim import build_optimizer, set_lr
@@ -123,13 +123,17 @@ def seed_everything(seed: int) -> None:
 
 
 @torch.no_grad()
-def evaluate_model(model, dataset, *, num_classes: int, eval_cfg, device, progress: bool = False, rank: int = 0, world: int = 1) -> Scores:
+def evaluate_model(model, dataset, *, num_classes: int, eval_cfg, device, progress: bool = False, rank: int = 0, world: int = 1,
+                   precision: Precision | None = None) -> Scores:
     """Confusion matrices (the split's and, when the ids name volumes, each volume's) of
     ``model`` over a labeled FolderDataset, by sliding-window inference (on images resized whole
-    when ``eval_cfg.resize`` is set). Under DDP each rank scores its share of the images and the
-    matrices are summed."""
+    when ``eval_cfg.resize`` is set) in ``precision`` (default: ``eval_cfg.precision`` resolved
+    for ``device``). Under DDP each rank scores its share of the images and the matrices are
+    summed."""
     was = model.training
     model.eval()
+    if precision is None:
+        precision = resolve_precision(eval_cfg.precision, device, model=model, setting="eval.precision")
     predictor = for_eval(model, eval_cfg)
     scores = Scores.for_ids(num_classes, dataset.ids)
     n = len(dataset) if eval_cfg.max_images is None else min(len(dataset), eval_cfg.max_images)
@@ -139,7 +143,7 @@ def evaluate_model(model, dataset, *, num_classes: int, eval_cfg, device, progre
             raw = dataset.load(i)
             pred = sliding_window(
                 predictor, raw["image"], num_classes, tile=eval_cfg.tile, overlap=eval_cfg.overlap,
-                weighting=eval_cfg.weighting, batch_size=eval_cfg.batch_size, device=device,
+                weighting=eval_cfg.weighting, batch_size=eval_cfg.batch_size, device=device, precision=precision,
             )
             scores.update(pred.labels, raw["mask"], raw["id"])
             adv()
@@ -213,6 +217,8 @@ class Trainer:
         self.total_epochs = math.ceil(self.total / self.iters_per_epoch)
 
         self.student = build_model(cfg.model.arch, cfg.model.encoder, self.num_classes, cfg.model.pretrained, cfg.model.width, cfg.model.in_channels, cfg.model.options).to(self.device)
+        self.precision = resolve_precision(cfg.train.precision, self.device, channels_last=cfg.train.channels_last, model=self.student, setting="train.precision")
+        self.precision.prepare(self.student)  # before the teacher copies it
         side = getattr(self.student, "img_size", None)  # a fixed-size encoder (SSR-SAM's): crops and eval windows must fit it
         window = ("eval.resize", cfg.eval.resize) if cfg.eval.resize else ("eval.tile", cfg.eval.tile)  # with eval.resize the model sees that size
         for key, value in (("data.crop", cfg.data.crop), window):
@@ -224,8 +230,7 @@ class Trainer:
         if mcls.needs_run:
             self.method.attach(RunContext(self.labeled_set, self.run_dir, self.device, cfg.eval, cfg.train.seed, kind))
         self.optimizer = build_optimizer(cfg.optim, self.student, self.method)
-        self.use_amp = self.device.type == "cuda" and cfg.train.amp in (True, "auto")
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.scaler = self._scaler()
         if self.world > 1:  # same initial weights on every rank
             for t in list(self.student.state_dict().values()) + list(self.method.state_dict().values()):
                 dist.broadcast(t.data if hasattr(t, "data") else t, 0)
@@ -248,6 +253,13 @@ class Trainer:
             self._load(self.ckpt_dir / "last.pt")
         elif self.is_main:
             self._prepare_run_dir()
+        # validation: eval.precision, or with auto the training's precision (lowlabel.config.eval_precision)
+        self.eval_precision = resolve_precision(cfg.eval.precision if cfg.eval.precision != "auto" else self.precision.name, self.device,
+                                                channels_last=self.precision.channels_last, setting="eval.precision")
+
+    def _scaler(self) -> torch.amp.GradScaler:
+        """fp16 needs loss scaling; bf16 and fp32 do not (the scaler is then a no-op)."""
+        return torch.amp.GradScaler("cuda", enabled=self.precision.name == "fp16")
 
     # ----------------------------------------------------------------- files
     def _prepare_run_dir(self) -> None:
@@ -260,6 +272,7 @@ class Trainer:
             "format": CHECKPOINT_FORMAT, "name": self.cfg.name, "dataset": self.info.name,
             "classes": list(self.info.classes), "palette": [list(c) for c in self.info.palette],
             "model": model_spec(self.cfg, self.num_classes), "method": self.cfg.method.name,
+            "precision": self.precision.record(),
         })
         (self.run_dir / "metrics.jsonl").write_text("")
 
@@ -306,6 +319,7 @@ class Trainer:
             "method": self.method.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
+            "precision": self.precision.record(),
             "rng": rng_state(),
             "best": dict(self.best),
             "config": self.cfg.model_dump(mode="json"),
@@ -337,6 +351,7 @@ class Trainer:
         self.teacher.load_state_dict(state["teacher"])
         self.method.load_state_dict(state["method"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self._resume_precision(state, path)
         self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         self.iteration = int(state["iteration"])
@@ -355,12 +370,39 @@ class Trainer:
             keep = [ln for ln in lines if json.loads(ln).get("iteration", 0) <= self.iteration]
             atomic_write_text(log, "".join(ln + "\n" for ln in keep))
 
+    def _resume_precision(self, state: dict, path: Path) -> None:
+        """A resumed run keeps the precision it trained in: with ``train.precision: auto`` the
+        checkpoint's (a checkpoint from before ``train.precision``: fp16 on CUDA with amp, else
+        fp32); an explicit setting that differs wins, with a note."""
+        saved = state.get("precision")
+        name = saved["name"] if saved else legacy_precision(self.device.type, (state.get("config") or {}).get("train", {}).get("amp", "auto"))
+        if name == self.precision.name:
+            return
+        con = console()
+        if self.cfg.train.precision != "auto":
+            if self.is_main:
+                con.print(f"[yellow]note[/]: {path} trained in {name}; resuming in {self.precision.name} as train.precision asks")
+            return
+        try:
+            self.precision = resolve_precision(name, self.device, channels_last=self.cfg.train.channels_last, model=self.student, setting="train.precision")
+        except ConfigError as err:  # e.g. an fp16 run resumed on a CPU
+            if self.is_main:
+                con.print(f"[yellow]note[/]: {path} trained in {name}, which this device cannot run ({err}); resuming in {self.precision.name}")
+            return
+        self.precision = Precision(self.precision.name, self.precision.device_type, self.precision.channels_last, "auto",
+                                   f"resumed: {path.name} trained in {name}")
+        self.precision.prepare(self.student)
+        self.scaler = self._scaler()
+        if self.is_main:
+            meta = json.loads((self.run_dir / "run.json").read_text()) if (self.run_dir / "run.json").is_file() else {}
+            atomic_write_json(self.run_dir / "run.json", {**meta, "precision": self.precision.record()})
+
     # ------------------------------------------------------------------ loop
     def _to_device(self, batch: dict | None) -> dict | None:
         if batch is None:
             return None
         nb = self.device.type == "cuda"
-        return {k: (v.to(self.device, non_blocking=nb) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+        return {k: (self.precision.images(v.to(self.device, non_blocking=nb)) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
     def _ctx(self) -> StepContext:
         return StepContext(self.iteration, self.total, self.iteration // self.iters_per_epoch, self.total_epochs, self.num_classes)
@@ -386,8 +428,9 @@ class Trainer:
         if self.task == "instance":  # every rank scores the whole split (no gather of instances)
             from ..eval.instances import evaluate_instances
 
-            return evaluate_instances(self.eval_model(), self.val_set, eval_cfg=self.cfg.eval, device=self.device)
-        scores = evaluate_model(self.eval_model(), self.val_set, num_classes=self.num_classes, eval_cfg=self.cfg.eval, device=self.device, rank=self.rank, world=self.world)
+            return evaluate_instances(self.eval_model(), self.val_set, eval_cfg=self.cfg.eval, device=self.device, precision=self.eval_precision)
+        scores = evaluate_model(self.eval_model(), self.val_set, num_classes=self.num_classes, eval_cfg=self.cfg.eval, device=self.device, rank=self.rank, world=self.world,
+                                precision=self.eval_precision)
         return scores.summary(self.info.classes)
 
     def grad_norms(self, terms: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -407,8 +450,7 @@ class Trainer:
         lr = set_lr(self.optimizer, cfg.optim, self.iteration, self.total)
         self.student.train()
         self.method.train()
-        amp = torch.autocast("cuda", dtype=torch.float16) if self.use_amp else nullcontext()
-        with amp:
+        with self.precision.autocast():
             out = self.method.training_step(self.student, self.teacher, lab, unl, self._ctx())
         loss = out.losses["loss"]
         if not torch.isfinite(loss):
@@ -447,6 +489,7 @@ class Trainer:
                 + (f", {len(self.unlabeled_set)} unlabeled" if self.unlabeled_set is not None else "")
                 + f"; {self.student.arch}/{self.student.encoder_name}; {self.total} iterations on {self.device}"
                 + (f" x {self.world} processes" if self.world > 1 else "")
+                + f"; precision {self.precision.describe()}"
             )
         self._t_start = time.time() - self.trained_seconds
         start_iter = self.iteration
@@ -499,6 +542,7 @@ class Trainer:
             "best_val_dice_mean": (self.best["metrics"] or {}).get("dice_mean"),
             "best_iteration": self.best["iteration"],
             "last_val_miou": None if self.task == "instance" else last_val, **({"last_val_ap": last_val} if self.task == "instance" else {}), "device": str(self.device), "world_size": self.world,
+            "precision": self.precision.name, "channels_last": self.precision.channels_last,
         }
         if self.is_main:
             atomic_write_json(self.run_dir / "summary.json", summary)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..data.tiling import ArrayReader, TileGrid, WindowReader, window_weights
+from ..precision import Precision
 
 
 @dataclass
@@ -71,6 +72,7 @@ def sliding_window(
     return_probs: bool = False,
     progress: Callable[[int, int], None] | None = None,
     sink: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
+    precision: Precision | None = None,
 ) -> Prediction:
     """Predict a whole image window by window.
 
@@ -88,6 +90,8 @@ def sliding_window(
         sink: ``sink(y0, labels_rows, confidence_rows)`` receives each band of finished rows,
             top to bottom, instead of the result holding them (memory then stays flat: write
             the rows to disk as they come).
+        precision: the model runs under its autocast, on channels_last windows where it says so
+            (None: fp32); probabilities are stitched in float32 whatever the precision.
     """
     if isinstance(image, torch.Tensor):
         arr = (image.detach().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
@@ -155,7 +159,11 @@ def sliding_window(
             chunk = windows[i : i + batch_size]
             batch = np.stack([reader.read(y, x, h, w) for (y, x, h, w) in chunk])
             x_in = torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).float().div_(255.0)
-            logits = model(x_in)
+            if precision is not None:
+                with precision.autocast():
+                    logits = model(precision.images(x_in))
+            else:
+                logits = model(x_in)
             if logits.shape[1] != num_classes or logits.shape[-2:] != (th, tw):
                 raise ValueError(f"model returned {tuple(logits.shape)}, expected [B, {num_classes}, {th}, {tw}]")
             p = logits.float().softmax(1) * wt

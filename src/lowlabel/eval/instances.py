@@ -17,6 +17,7 @@ neither merges instances across tiles.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -165,20 +166,22 @@ def merge_tiles(h: int, w: int, tiles: list[tuple[tuple[int, int, int, int], Ins
 
 @torch.no_grad()
 def predict_instances(model, image, *, tile: int = 512, overlap: float | int = 0.25, score_threshold: float = 0.5,
-                      mask_threshold: float = 0.5, min_size: int = 5, device="cpu", merge_iou: float = 0.5) -> Instances:
+                      mask_threshold: float = 0.5, min_size: int = 5, device="cpu", merge_iou: float = 0.5, precision=None) -> Instances:
     """Instances of one image (uint8 [H, W, 3] array or float [3, H, W] tensor in [0, 1]) by an
     instance model, tiled when the image exceeds ``tile``: masks are the model's mask
     probabilities above ``mask_threshold``, kept with score >= ``score_threshold`` and at least
-    ``min_size`` pixels."""
+    ``min_size`` pixels. ``precision`` (a :class:`lowlabel.precision.Precision`; None: fp32):
+    the model runs under its autocast; scores and mask probabilities are compared in float32."""
     x = torch.from_numpy(np.array(image[..., :3], copy=True)).permute(2, 0, 1).float().div(255) if isinstance(image, np.ndarray) else image.float()
     h, w = x.shape[1:]
     grid = TileGrid(h, w, tile, overlap)
     tiles = []
     for (y0, x0, th, tw) in grid:
-        det = model.detect(x[:, y0 : y0 + th, x0 : x0 + tw].unsqueeze(0).to(device), score_threshold=score_threshold)[0]
-        scores = det["scores"].cpu().numpy()
+        with precision.autocast() if precision is not None else nullcontext():
+            det = model.detect(x[:, y0 : y0 + th, x0 : x0 + tw].unsqueeze(0).to(device), score_threshold=score_threshold)[0]
+        scores = det["scores"].float().cpu().numpy()
         keep = scores >= score_threshold
-        masks = (det["masks"][torch.from_numpy(keep)] > mask_threshold).cpu().numpy()
+        masks = (det["masks"][torch.from_numpy(keep)].float() > mask_threshold).cpu().numpy()
         inst = Instances.from_masks(masks, scores[keep], det["labels"].cpu().numpy()[keep], offset=(y0, x0), size=(h, w))
         tiles.append(((y0, x0, th, tw), inst.subset(inst.areas() >= min_size)))
     if len(tiles) == 1:
@@ -246,7 +249,7 @@ def count_errors(predictions: list[Instances], truths: list[Instances]) -> dict:
     return {"count_mae": float(np.abs(n_p - n_t).mean()), "count_mre": float((np.abs(n_p - n_t) / np.maximum(n_t, 1)).mean())}
 
 
-def evaluate_instances(model, dataset, *, eval_cfg, device, score_threshold: float = 0.5, progress: bool = False) -> dict:
+def evaluate_instances(model, dataset, *, eval_cfg, device, score_threshold: float = 0.5, progress: bool = False, precision=None) -> dict:
     """Mask AP / AP50 / AP75 (all detections, ranked by score), counting errors (detections with
     score >= ``score_threshold``) and the numbers of instances of a labeled instance dataset."""
     from ..utils import progress_bar
@@ -258,7 +261,7 @@ def evaluate_instances(model, dataset, *, eval_cfg, device, score_threshold: flo
     with progress_bar("evaluating", n, enabled=progress, transient=True) as adv:
         for i in range(n):
             raw = dataset.load(i)
-            preds.append(predict_instances(model, raw["image"], tile=eval_cfg.tile, overlap=eval_cfg.overlap, score_threshold=0.0, device=device))
+            preds.append(predict_instances(model, raw["image"], tile=eval_cfg.tile, overlap=eval_cfg.overlap, score_threshold=0.0, device=device, precision=precision))
             truths.append(from_id_map(raw["instances"]))
             adv()
     model.train(was)

@@ -59,6 +59,7 @@ class Segmenter(nn.Module):
     feature_channels: int
     size_divisor: int = 32
     features_include_input: bool = True  # encode()[0] is the (normalised) input itself
+    channels_last_pays: bool = True  # convolutions: channels_last memory format is faster (benchmarks/results/cpu-precision)
 
     def __init__(self, in_channels: int = 3):
         super().__init__()
@@ -91,7 +92,9 @@ class Segmenter(nn.Module):
         return self.decoder_net(features)
 
     def classify(self, decoded: torch.Tensor, out_size) -> torch.Tensor:
-        logits = self.head(decoded)
+        """float32 logits [B, C, *out_size] (also under bf16 / fp16 autocast: losses, softmax
+        confidences and their thresholds stay float32; see :mod:`lowlabel.precision`)."""
+        logits = self.head(decoded).float()
         if tuple(logits.shape[-2:]) != tuple(out_size):
             logits = F.interpolate(logits, size=tuple(out_size), mode="bilinear", align_corners=False)
         return logits

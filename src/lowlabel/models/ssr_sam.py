@@ -66,6 +66,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from ..precision import autocast_tag
+
 NOT_DECODABLE = -1e4  # the logits of a class without prompts
 
 
@@ -312,7 +314,8 @@ class SSRSAM(nn.Module):
         with torch.no_grad():
             if self.cache is None or not self.training:
                 return [self.encoder(x)]
-            return [self.cache.lookup([EmbeddingCache.key(v) for v in x], lambda idx: self.encoder(x[idx]))]
+            tag = autocast_tag(x.device.type)  # an embedding computed in bf16 is never served to an fp32 step, nor the reverse
+            return [self.cache.lookup([EmbeddingCache.key(v, tag) for v in x], lambda idx: self.encoder(x[idx]))]
 
     def prompts_from(self, images: torch.Tensor, masks: torch.Tensor, ignore_index: int = 255) -> tuple[torch.Tensor, torch.Tensor]:
         """MSPG over every (image, class) with at least ``min_prompt_pixels`` pixels of the class:
@@ -329,7 +332,8 @@ class SSRSAM(nn.Module):
         classes = torch.tensor([c for _, c in pairs], device=x.device)
         if self.cache is None or self.options.train_mspg or not self.training:
             return run(range(len(pairs))), classes
-        image_keys = {b: EmbeddingCache.key(x[b]) for b in {b for b, _ in pairs}}  # a prompt: f(image, class mask), frozen MSPG
+        tag = autocast_tag(x.device.type)
+        image_keys = {b: EmbeddingCache.key(x[b], tag) for b in {b for b, _ in pairs}}  # a prompt: f(image, class mask), frozen MSPG
         keys = [EmbeddingCache.key(masks[b] == c, b"mspg" + image_keys[b]) for b, c in pairs]
         with torch.no_grad():
             return self.cache.lookup(keys, run), classes
@@ -342,7 +346,7 @@ class SSRSAM(nn.Module):
         """Class logits [B, C, *out_size]: each class decoded with its compressed prompts (default:
         the whole bank). ``out_size`` is the (unpadded) input size."""
         compressed, ok = self.compression(self.bank.all() if prompts is None else prompts)
-        logits = self._masks(features[-1], compressed, out_size)
+        logits = self._masks(features[-1], compressed, out_size).float()  # float32 logits under autocast too (lowlabel.precision)
         return torch.where(ok.view(1, -1, 1, 1), logits, torch.full_like(logits, NOT_DECODABLE))
 
     def _masks(self, emb: torch.Tensor, compressed: torch.Tensor, out_size) -> torch.Tensor:

@@ -69,6 +69,7 @@ class PromptableSegmenter(abc.ABC):
     name: str = "segmenter"
     weights_id: str = "none"
     transform_id: str = "identity"
+    precision: str = "fp32"  # what embed() computes in (fp32 / bf16 / fp16; lowlabel.precision): part of the cache key
     code_modules: tuple[str, ...] = ()  # modules besides the class's own that compute embeddings
     code_packages: tuple[str, ...] = ()  # installed packages that do
 

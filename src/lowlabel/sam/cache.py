@@ -1,7 +1,9 @@
 """On-disk cache of frozen-encoder embeddings.
 
 Key = SHA-256 of the image's pixels (shape + bytes) + backend name + weights id + input
-transform + the backend's code version (a hash of the code that computes its embeddings). An
+transform + the precision the encoder ran in (fp32 / bf16: an entry computed in one precision is
+never served to a segmenter of another) + the backend's code version (a hash of the code that
+computes its embeddings). Entries also record their precision (``meta["precision"]``). An
 entry that cannot be read back, whatever the reason, is deleted and recomputed. Files are written to a temporary name and renamed (atomic on POSIX), so concurrent
 writers of the same key race harmlessly: each rename installs a complete file and the last wins.
 Entries load with ``torch.load(..., weights_only=True)``.
@@ -48,7 +50,7 @@ class EmbeddingCache:
         self.hits = self.misses = 0
 
     def key(self, image: np.ndarray, segmenter: PromptableSegmenter) -> str:
-        parts = [image_hash(image), segmenter.name, segmenter.weights_id, segmenter.transform_id, segmenter.code_version]
+        parts = [image_hash(image), segmenter.name, segmenter.weights_id, segmenter.transform_id, segmenter.precision, segmenter.code_version]
         return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
     def path(self, key: str) -> Path:

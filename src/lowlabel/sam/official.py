@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..precision import resolve_precision
 from .base import Embedding, PromptableSegmenter, Prompts, Segments
 
 SAM_TYPES = ("vit_b", "vit_l", "vit_h", "vit_t")  # vit_t = MobileSAM (lowlabel.sam.mobilesam)
@@ -44,7 +45,8 @@ class SamSegmenter(PromptableSegmenter):
     code_modules = ("lowlabel.sam.mobilesam",)
     code_packages = ("segment_anything", "segment-anything")
 
-    def __init__(self, model_type: str = "vit_b", checkpoint: str | os.PathLike | None = None, device: str = "cpu", seed: int = 0):
+    def __init__(self, model_type: str = "vit_b", checkpoint: str | os.PathLike | None = None, device: str = "cpu", seed: int = 0,
+                 precision: str = "fp32"):
         try:
             from segment_anything import sam_model_registry
             from segment_anything.utils.transforms import ResizeLongestSide
@@ -77,6 +79,8 @@ class SamSegmenter(PromptableSegmenter):
         self.resize = ResizeLongestSide(self.sam.image_encoder.img_size)
         self.name = "mobilesam_vit_t" if model_type == "vit_t" else f"sam_{model_type}"
         self.transform_id = f"longest{self.sam.image_encoder.img_size}"
+        self._precision = resolve_precision(precision, self.device, setting="precision")  # the image encoder's; prompts and decoder: fp32
+        self.precision = self._precision.name
 
     @torch.no_grad()
     def embed(self, image: np.ndarray) -> Embedding:
@@ -84,8 +88,9 @@ class SamSegmenter(PromptableSegmenter):
         x = self.resize.apply_image(image)
         t = torch.as_tensor(x, device=self.device).permute(2, 0, 1)[None].float()
         input_size = tuple(t.shape[-2:])
-        feats = self.sam.image_encoder(self.sam.preprocess(t))
-        return Embedding(feats.cpu(), (h, w), self.name, {"input_size": input_size})
+        with self._precision.autocast():
+            feats = self.sam.image_encoder(self.sam.preprocess(t))
+        return Embedding(feats.float().cpu(), (h, w), self.name, {"input_size": input_size, "precision": self.precision})
 
     def decoder_transformer(self):
         return self.sam.mask_decoder.transformer

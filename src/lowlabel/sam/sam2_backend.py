@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..precision import resolve_precision
 from .base import Embedding, PromptableSegmenter, Prompts, Segments
 from .official import file_sha256
 
@@ -21,7 +22,8 @@ from .official import file_sha256
 class Sam2Segmenter(PromptableSegmenter):
     code_packages = ("sam2", "SAM-2")
 
-    def __init__(self, config: str = "sam2.1_hiera_t", checkpoint: str | os.PathLike | None = None, device: str = "cpu", seed: int = 0):
+    def __init__(self, config: str = "sam2.1_hiera_t", checkpoint: str | os.PathLike | None = None, device: str = "cpu", seed: int = 0,
+                 precision: str = "fp32"):
         try:
             from sam2.build_sam import build_sam2
             from sam2.sam2_image_predictor import SAM2ImagePredictor
@@ -37,13 +39,16 @@ class Sam2Segmenter(PromptableSegmenter):
         self.name = f"sam2_{Path(cfg).stem}"
         self.weights_id = file_sha256(checkpoint)[:16] if checkpoint else f"random-seed{seed}"
         self.transform_id = f"sam2-{model.image_size}"
+        self._precision = resolve_precision(precision, device, setting="precision")  # the Hiera encoder's; prompts and decoder: fp32
+        self.precision = self._precision.name
 
     @torch.no_grad()
     def embed(self, image: np.ndarray) -> Embedding:
-        self.predictor.set_image(image)
+        with self._precision.autocast():
+            self.predictor.set_image(image)
         f = self.predictor._features
-        data = {"image_embed": f["image_embed"].cpu(), **{f"high_res_{i}": t.cpu() for i, t in enumerate(f["high_res_feats"])}}
-        return Embedding(data, tuple(image.shape[:2]), self.name, {"levels": len(f["high_res_feats"])})
+        data = {"image_embed": f["image_embed"].float().cpu(), **{f"high_res_{i}": t.float().cpu() for i, t in enumerate(f["high_res_feats"])}}
+        return Embedding(data, tuple(image.shape[:2]), self.name, {"levels": len(f["high_res_feats"]), "precision": self.precision})
 
     def decoder_transformer(self):
         return self.predictor.model.sam_mask_decoder.transformer  # SAM 2 resizes to a square: the whole grid is the image
