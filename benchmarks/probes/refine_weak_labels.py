@@ -1,5 +1,11 @@
 """Quality of weak labels as they are and refined by a promptable segmenter (like SeSAM Table 4).
 
+Finding (results/refine-weak-labels/, classical backend, 6 images a case): refinement raises the
+mIoU (unlabeled pixels counted wrong) of every weak label kind at 94-100 % precision, mostly by
+coverage. Skeleton sampler, coverage selection: dubai-aerial coarse 58.2 -> 61.7, scribbles 13.3
+-> 18.4; CamVid coarse 50.4 -> 53.1, scribbles 24.9 -> 28.4; ACDC's real scribbles 11.5 -> 29.1;
+points stay near nothing (0.0 -> 0.2).
+
 For each (dataset, weak label kind): the first ``--images`` ids of the train split; weak labels
 simulated from the dense masks (seeded, ``lowlabel.data.weak``) or, for acdc-scribbles, the real
 human scribbles. Each is scored as it is and after refinement with every sampler (under
@@ -8,7 +14,7 @@ against the dense truth: coverage (share of labeled truth pixels that got a labe
 (accuracy on those) and mIoU counting unlabeled pixels as wrong. Backend: ``classical`` (no
 weights exist here); a SAM backend with real weights would give other numbers.
 
-    python benchmarks/refine_weak_labels.py [--images 6] [--backend classical] [--out benchmarks/results/refine-weak-labels]
+    python benchmarks/probes/refine_weak_labels.py [--images 6] [--backend classical] [--out benchmarks/results/refine-weak-labels]
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared" / "datasets"
 sys.path.insert(0, str(REPO / "src"))
 
@@ -93,7 +99,7 @@ def main(argv=None) -> int:
         "benchmark": "weak label refinement", "backend": seg.name, "weights": seg.weights_id, "images_per_case": args.images,
         "points_per_instance": 5, "tau": [0.3, 0.7], "rows": rows, "commit": commit,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": f"{platform.machine()}, 2 cores",
-        "command": "python benchmarks/refine_weak_labels.py " + " ".join(argv or sys.argv[1:]),
+        "command": "python benchmarks/probes/refine_weak_labels.py " + " ".join(argv or sys.argv[1:]),
     }
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
 

@@ -1,4 +1,10 @@
-"""How strong is SSR-SAM's prompt perturbation in a trained run? (issue 13's ablation diagnosis)
+"""How strong is SSR-SAM's prompt perturbation in a trained run?
+
+Finding (results/dubai-aerial-ssr-sam-cpu/prompt_probe.jsonl): from scratch it is inert. The
+prompt term's loss is a median 0.003-0.009 against the labeled loss's 0.60-0.70 (about 1 %), though
+most classes' banks are diverse (mean pairwise cosine 0.05-0.6) and drawing 8 of 64 prompts moves
+the compressed prompt by 2-174 % of its norm: the ablation's prompt-only rows are labeled-only
+training in all but name.
 
 For each class of the run's prompt bank: the mean pairwise cosine of its prompts; the effective
 number of prompts the compression query attends to (exp of the attention's entropy); the relative
@@ -6,7 +12,7 @@ change of the compressed prompt when the student's k prompts are drawn with repl
 averaged over draws. From the run's log: the medians of the prompt-perturbation loss and the
 labeled loss, over the whole run and its second half.
 
-    python benchmarks/ssr_sam_prompt_probe.py RUN_DIR [RUN_DIR ...] [--k 8] [--draws 20]
+    python benchmarks/probes/ssr_sam_prompt_probe.py RUN_DIR [RUN_DIR ...] [--k 8] [--draws 20]
 """
 
 from __future__ import annotations

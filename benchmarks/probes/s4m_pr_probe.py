@@ -1,4 +1,10 @@
-"""Does S4M's pseudo-label refinement (PR) keep a good pseudo-mask good? (issue 12)
+"""Does S4M's pseudo-label refinement (PR) keep a near-perfect pseudo-mask good?
+
+Finding (results/s4m-pr-probe/classical.jsonl, ``--images 30``: 223 nuclei): not with the
+weight-free classical backend. Soft masks at IoU 0.962 (thresholded at 0.5) come out of PR at mean
+IoU 0.485; 24 % fall under 0.3 and 19 % grow past 3x the nucleus's area. So dsb2018-cpu's
+``s4m_pr_arp`` row measures this stand-in, not S4M's PR, which needs SAM's weights; hence the
+protocol's ``s4m_arp`` row (ARP without PR).
 
 From each of the first ``--images`` dsb2018 train images (top-left ``--crop`` px), every true
 nucleus of at least 5 px becomes a near-perfect soft pseudo-mask: its mask blurred (Gaussian,
@@ -9,7 +15,7 @@ best-scoring mask. Reported: the IoU with the true nucleus of the soft mask thre
 (what PR starts from) and of the refined mask, the share of refined masks under IoU 0.3, and the
 refined / true area ratio.
 
-    python benchmarks/s4m_pr_probe.py [--backend classical] [--checkpoint FILE] [--images 8]
+    python benchmarks/probes/s4m_pr_probe.py [--backend classical] [--checkpoint FILE] [--images 8]
 """
 
 from __future__ import annotations

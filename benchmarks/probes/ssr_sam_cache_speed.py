@@ -1,5 +1,9 @@
 """SSR-SAM's training step with the frozen encoder's embeddings cached vs encoded on the fly.
 
+Finding (results/ssr-sam-cache/): with SAM ViT-B at 1024² on 2 cores the cache makes a step
+14.7x cheaper (about 10 s against 137-157 s); with MobileSAM 1.9x, where the step is bound by the
+mask decoder, not the encoder.
+
 One step of ``ssr_sam`` (``lowlabel.methods.ssr_sam``: the labeled loss, the feature, image and
 prompt perturbation terms) and its backward pass, on random images at the encoder's 1024² (the
 paper's aerial patch size), 2 labeled + 2 unlabeled images, 5 classes, MSPG ViT-B/16, with the
@@ -10,7 +14,7 @@ the step after a first one that filled the cache, so every encoder input and MSP
 and the image perturbation is the embedding CutMix. The uncached step is the median of
 ``--steps`` steps; so is the cached one.
 
-    python benchmarks/ssr_sam_cache_speed.py [--encoders vit_b vit_t] [--steps 2] [--out benchmarks/results/ssr-sam-cache]
+    python benchmarks/probes/ssr_sam_cache_speed.py [--encoders vit_b vit_t] [--steps 2] [--out benchmarks/results/ssr-sam-cache]
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "src"))
 
 
@@ -86,7 +90,7 @@ def main(argv=None) -> int:
     res = {"benchmark": "SSR-SAM training step, embedding cache vs on-the-fly encoding", "image_size": 1024, "labeled_batch": 2, "unlabeled_batch": 2,
            "classes": 5, "mspg": "vit_b_16", "weights": "random (no SAM weights on this machine)", "rows": rows, "torch_threads": torch.get_num_threads(),
            "machine": f"{platform.machine()} {os.cpu_count()} cores", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-           "command": "python benchmarks/ssr_sam_cache_speed.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+           "command": "python benchmarks/probes/ssr_sam_cache_speed.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(res, indent=2) + "\n")
