@@ -34,8 +34,8 @@ def _cmd_validate(args) -> int:
         con.print(f"[bold]{info.name}[/] ({info.task}): {info.num_classes} classes, {report.checked_images} images decoded")
         if report.class_pixels is not None and report.class_pixels.sum():
             t = Table(title="label pixels per class")
-            t.add_column("class")
-            t.add_column("share", justify="right")
+            t.add_column("class", overflow="fold")
+            t.add_column("share", justify="right", no_wrap=True)
             total = report.class_pixels.sum()
             for name, n in zip(list(info.classes) + ["(ignore)"], report.class_pixels):
                 t.add_row(name, f"{100 * n / total:.2f}%")
