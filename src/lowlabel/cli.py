@@ -221,6 +221,52 @@ def _cmd_refine(args) -> int:
     return 0
 
 
+def _cmd_suggest(args) -> int:
+    from .errors import ConfigError
+    from .utils import console
+
+    common = dict(pool=args.pool, budget=args.budget, data=args.data, group_by=args.group_by, aggregate=args.aggregate, cost=args.cost,
+                  minutes=args.minutes, hours=args.hours, candidates=args.candidates, mc_samples=args.mc_samples, bald_source=args.bald_source,
+                  uncertainty=args.uncertainty, device=args.device, precision=args.precision, progress=not args.quiet)
+    strategies = [s.strip() for s in args.strategy.split(",") if s.strip()]
+    if args.simulate:
+        from .label import simulate
+        from .label.replay import markdown
+
+        try:
+            seeds = [int(v) for v in args.random_seeds.split(",") if v.strip()]
+        except ValueError:
+            raise ConfigError(f"--random-seeds {args.random_seeds!r}: give whole numbers separated by commas (0,1,2)") from None
+        report = simulate(args.run, strategies=strategies, out=args.out, rounds=args.rounds, random_seeds=seeds, iterations=args.iterations,
+                          split=args.split, **common)
+        print(markdown(report), end="")
+        print(f"simulation -> {Path(args.out) / 'simulate.json'}")
+        return 0
+    if len(strategies) != 1:
+        raise ConfigError(f"--strategy {args.strategy!r}: one strategy (several are compared only with --simulate)")
+    from .label import suggest
+
+    skip = list(args.skip)
+    if args.skip_file:
+        from .data.dataset import read_ids
+
+        skip += read_ids(args.skip_file)
+    res = suggest(args.run, strategy=strategies[0], out=args.out, labeled=args.labeled, seed=args.seed, skip=skip,
+                  heatmaps=not args.no_heatmaps, **common)
+    if not res.picks:
+        print(res.message)
+        return 0
+    con = console()
+    con.print(f"[bold]{res.message}[/]", highlight=False)
+    for r in res.rows[: len(res.picks)]:
+        extra = ", ".join(f"{k} {v:.4g}" for k, v in r.items() if k not in ("rank", "id", "picked", "skipped", "score", "images", "minutes")
+                          and isinstance(v, float) and v == v)
+        con.print(f"  {r['rank']:>3}. {r['id']}  score {r['score']:.4g}" + (f" ({extra})" if extra else "")
+                  + (f", {r['images']} images" if "images" in r else ""), markup=False, highlight=False)
+    print(f"picks -> {res.files['picks']} (csv, overview, heat maps and state beside it)")
+    return 0
+
+
 def _cmd_weights(args) -> int:
     import dataclasses
 
@@ -362,6 +408,38 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True)
     r.add_argument("--overwrite", action="store_true", help="replace an --out refined before with other settings")
     r.set_defaults(func=_cmd_refine)
+
+    sg = sub.add_parser("suggest", help="rank unlabeled images (or whole cases) by how much labeling them would help; write the next N to label")
+    sg.add_argument("run", help="a run directory or checkpoint")
+    sg.add_argument("--pool", help="split name or id file of the candidates (default: the train split minus the labeled set)")
+    sg.add_argument("--budget", type=int, help="how many images (cases with --group-by) to pick")
+    sg.add_argument("--strategy", default="entropy", help="random, entropy, margin, balanced-entropy, balanced-margin, bald, coreset, hybrid "
+                    "(default: %(default)s; with --simulate a comma list)")
+    sg.add_argument("--out", required=True, help="the pick list (e.g. next.txt; CSV, overview PNG, heat maps and state beside it); with --simulate a folder")
+    sg.add_argument("--labeled", help="id file of what is labeled now (default: the run's labeled set)")
+    sg.add_argument("--data", help="dataset folder (default: the run's)")
+    sg.add_argument("--group-by", metavar="REGEX", help=r"label whole cases: the first group of REGEX names an id's case (ACDC: '^(patient\d+)_'); the budget counts cases")
+    sg.add_argument("--aggregate", default="mean", choices=["mean", "max"], help="a case's score from its images' (default: %(default)s)")
+    sg.add_argument("--cost", choices=["points", "scribbles", "coarse", "fine"], help="annotation kind whose time --minutes / --hours buys (SeSAM's per-image costs)")
+    sg.add_argument("--minutes", type=float, help="time budget in minutes (with --cost), instead of --budget")
+    sg.add_argument("--hours", type=float, help="time budget in hours (with --cost)")
+    sg.add_argument("--seed", type=int, default=0, help="random's draw and MC dropout's masks")
+    sg.add_argument("--skip", action="append", default=[], metavar="ID", help="move this id to the end of the queue, remembered in <out>.state.json (repeatable)")
+    sg.add_argument("--skip-file", help="ids to skip, one a line")
+    sg.add_argument("--candidates", type=float, default=4.0, help="hybrid: keep this many times the budget of the most uncertain (default: %(default)s)")
+    sg.add_argument("--uncertainty", default="entropy", choices=["entropy", "margin", "balanced-entropy", "balanced-margin", "bald"], help="hybrid's first step")
+    sg.add_argument("--mc-samples", type=int, default=8, help="bald with dropout: stochastic passes (default: %(default)s)")
+    sg.add_argument("--bald-source", default="auto", choices=["auto", "dropout", "flips"], help="bald: MC dropout, flipped views, or dropout where the model has it")
+    sg.add_argument("--no-heatmaps", action="store_true", help="no overview and heat maps")
+    sg.add_argument("--simulate", action="store_true", help="replay held-out labels: suggest, add, retrain, score, against random at the same budget")
+    sg.add_argument("--rounds", type=int, default=1, help="--simulate: rounds of the loop (default: %(default)s)")
+    sg.add_argument("--random-seeds", default="0,1,2", help="--simulate: one random arm per seed (default: %(default)s)")
+    sg.add_argument("--iterations", type=int, help="--simulate: training iterations of each retraining (default: the run's)")
+    sg.add_argument("--split", help="--simulate: evaluation split (default: the run's test split)")
+    sg.add_argument("--device", default="auto")
+    sg.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help="numeric precision (default: the run's eval.precision)")
+    sg.add_argument("--quiet", action="store_true", help="no progress bars")
+    sg.set_defaults(func=_cmd_suggest)
 
     wt = sub.add_parser("weights", help="official SAM / MobileSAM / SAM 2 checkpoints")
     wsub = wt.add_subparsers(dest="weights_command", metavar="SUBCOMMAND")

@@ -20,7 +20,7 @@ def __getattr__(name):
 
         return getattr(_s, name)
     if name == "simulate":
-        from .simulate import simulate
+        from .replay import simulate
 
         return simulate
     raise AttributeError(f"module 'lowlabel.label' has no attribute {name!r}")

@@ -161,9 +161,10 @@ def _dedupe(ids) -> list[str]:
     return list(dict.fromkeys(ids))
 
 
-def _groups(ids: Sequence[str], group_by: str | None) -> dict[str, str]:
+def _groups(ids: Sequence[str], group_by: str | None, strict: bool = True) -> dict[str, str]:
     """image id -> unit id: the image itself, or with ``group_by`` (a regular expression searched
-    in the id) its first group (the whole match when the pattern has no group)."""
+    in the id) its first group (the whole match when the pattern has no group). An id the
+    pattern does not match is an error (``strict``), or its own unit."""
     if not group_by:
         return {i: i for i in ids}
     try:
@@ -175,9 +176,10 @@ def _groups(ids: Sequence[str], group_by: str | None) -> dict[str, str]:
         m = pat.search(i)
         if not m or not (m.group(1) if pat.groups else m.group(0)):
             unmatched.append(i)
+            out[i] = i
             continue
         out[i] = m.group(1) if pat.groups else m.group(0)
-    if unmatched:
+    if unmatched and strict:
         raise ConfigError(f"group_by {group_by!r} does not match {len(unmatched)} id(s), e.g. {unmatched[:3]}; every id must belong to a case "
                           r"(ACDC: '^(patient\d+)_')")
     return out
@@ -279,7 +281,7 @@ class Scorer:
         model = run.model
         reader = open_reader(path, *run.raster_options())
         img = reader.read(0, 0, reader.height, reader.width)
-        x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float().div_(255).to(run.device)
+        x = torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)).permute(2, 0, 1)[None].float().div_(255).to(run.device)
         H, W = x.shape[-2:]
         e = run.eval_cfg
         if e.resize:  # the model sees whole resized images
@@ -509,7 +511,7 @@ def suggest(run, pool=None, budget: int | None = None, strategy: str = "entropy"
                     raise DatasetError(root / "images", f"labeled id {sid} has no image")
                 lab_feats[sid] = scorer.features(images[sid])
                 adv()
-            lab_units = _groups(lab_ids, group_by) if group_by else {i: i for i in lab_ids}
+            lab_units = _groups(lab_ids, group_by, strict=False)  # labeled ids outside the pattern: each its own unit
             by_unit: dict[str, list] = {}
             for sid, u in lab_units.items():
                 by_unit.setdefault(u, []).append(lab_feats[sid])
