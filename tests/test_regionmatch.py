@@ -122,14 +122,14 @@ from lowlabel.methods import StepContext, build_method  # noqa: E402
 from lowlabel.models import build_model  # noqa: E402
 
 
-def _batch(b=2, s=32, noise=False, seed=0):
+def _batch(b=2, s=32, noise=False, seed=0, views=1):
     g = torch.Generator().manual_seed(seed)
     img = torch.rand(b, 3, s, s, generator=g)
     mask = (torch.arange(s) >= s // 2).long().expand(b, s, s).clone()
     lab = {"image": img, "mask": mask, "valid": torch.ones(b, s, s, dtype=torch.bool)}
-    unl = {"image": img.flip(0), "strong": img.flip(0)[:, None].clone(), "cutmix": torch.zeros(b, 1, s, s, dtype=torch.bool),
+    unl = {"image": img.flip(0), "strong": img.flip(0)[:, None].repeat(1, views, 1, 1, 1), "cutmix": torch.zeros(b, views, s, s, dtype=torch.bool),
            "valid": torch.ones(b, s, s, dtype=torch.bool), "gt": mask.clone()}
-    unl["cutmix"][:, 0, 4:20, 4:20] = True
+    unl["cutmix"][:, :, 4:20, 4:20] = True
     return lab, unl
 
 
@@ -138,12 +138,13 @@ def _batch(b=2, s=32, noise=False, seed=0):
     {"region_labels": "soft"}, {"region_labeled": False}, {"region_unlabeled": False}, {"prcc_reduction": "sum"},
     {"min_region_pixels": 1, "max_regions": 5}, {"prcc_distance": "euclidean"}, {"region_pixels": "prspl"},
     {"alpha_schedule": "prose"}, {"region_rampup": 0.0}, {"region_rampup_shape": "linear"}, {"max_region_share": 1.0},
+    {"base": "unimatch"}, {"labeled_loss": "ce_dice", "unlabeled_loss": "dice"},
 ])
 def test_every_ablation_runs_and_backpropagates(over):
     torch.manual_seed(0)
     net = build_model("tiny", num_classes=2, width=4)
     m = build_method("regionmatch", {"tau_low": 0.0, "tau_high": 0.6, "threshold": 0.0, **over}, num_classes=2, model=net)
-    lab, unl = _batch()
+    lab, unl = _batch(views=2 if over.get("base") == "unimatch" else 1)
     out = m.training_step(net, Teacher("self", net), lab, unl, StepContext(3, 10, 1, 4, 2))
     for k, v in out.losses.items():
         assert torch.isfinite(v), k
@@ -304,14 +305,15 @@ def test_region_rampup_weight_zero_at_start_one_at_end():
     params = {"max_region_share": 1.0, "region_rampup": 0.2}
     _, first = _step(_confident_net(), params, it=0, total=100)
     assert first.metrics["region_weight"] == 0.0
-    non_region = first.losses["loss_x"] + first.losses["loss_u"] + first.losses["loss_r_l"]
+    # FixMatch's halved total, (L_x + L_s) / 2, and eq. 4's terms in the same scale (0.5 L_r^l, ...)
+    non_region = (first.losses["loss_x"] + first.losses["loss_s"] + first.losses["loss_r_l"]) / 2
     assert first.losses["loss"].item() == pytest.approx(non_region.item(), abs=1e-6)
     assert first.losses["loss_prcc"] > 0  # still computed and logged
     m, last = _step(_confident_net(), params, it=99, total=100)
     assert last.metrics["region_weight"] == 1.0
     p = m.p
-    full = (last.losses["loss_x"] + last.losses["loss_u"] + last.losses["loss_r_l"] + p.lambda_u_region * last.losses["loss_r_u"]
-            + p.lambda_cir * last.losses["loss_cir"] + p.lambda_prcc * last.losses["loss_prcc"])
+    full = (last.losses["loss_x"] + last.losses["loss_s"] + last.losses["loss_r_l"] + p.lambda_u_region * last.losses["loss_r_u"]
+            + p.lambda_cir * last.losses["loss_cir"] + p.lambda_prcc * last.losses["loss_prcc"]) / 2
     assert last.losses["loss"].item() == pytest.approx(full.item(), rel=1e-5)
     assert last.losses["loss"] > first.losses["loss"]
     _, mid = _step(_confident_net(), params, it=10, total=100)

@@ -13,6 +13,21 @@ terms, logged as they are). The engine owns everything else: loaders, optimiser 
 Batches are dicts (see :mod:`lowlabel.data.dataset`): labeled ``image`` [B,3,S,S], ``mask``
 [B,S,S], ``valid`` [B,S,S]; unlabeled ``image`` (the weak view), ``strong`` [B,n,3,S,S],
 ``cutmix`` [B,n,S,S], ``valid``. Unlabeled batches carry no mask.
+
+**A paper's method is a base scheme plus its own terms.** The weak-to-strong bases (FixMatch,
+UniMatch: :class:`WeakToStrong`) compute everything in two calls that an add-on
+(:mod:`lowlabel.methods.addon`: RegionMatch, DerProp) makes in turn::
+
+    step = base.views(student, teacher, labeled, unlabeled)   # every forward pass and step.plain
+    out = base.output(step, targets)                           # the base's terms on these targets
+
+``views`` runs the networks once (labeled batch, weak view, the CutMix strong views, UniMatch's
+feature-perturbed weak view) and keeps what add-ons read: logits, decoder features and encoder
+levels of each (:class:`NetOutput`), the CutMix boxes (:class:`StrongView`), and the base's own
+pseudo-labels, confidences and kept-pixel mask (:class:`Targets`). An add-on may hand
+``output`` other targets (DerProp's rectified pseudo-labels, RegionMatch's PRSPL mask), then adds
+its own terms to the returned :class:`StepOutput`. With the add-on's terms off it passes
+``step.plain`` and adds nothing, and its losses are the base's exactly (tests/test_methods_addons.py).
 """
 
 from __future__ import annotations
@@ -27,6 +42,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from ..augment.transforms import mix
 from ..data.dataset import IGNORE_INDEX
 
 
@@ -149,11 +165,16 @@ def supervised_loss(logits: torch.Tensor, mask: torch.Tensor, kind: str = "ce", 
 
 def masked_pseudo_loss(logits: torch.Tensor, pseudo: torch.Tensor, conf: torch.Tensor, valid: torch.Tensor, threshold: float, kind: str = "ce") -> torch.Tensor:
     """UniMatch's unlabeled loss against hard pseudo-labels, kept where the confidence reaches
-    ``threshold`` and the pixel is valid (not padding). ``ce``: per-pixel CE *divided by the
-    number of valid pixels* (not of kept ones), so that few confident pixels give a small loss
-    (the natural-image code); ``dice``: :func:`dice_loss` over the kept pixels (the medical
-    code's ``ignore=(conf < thresh)``)."""
-    keep = (conf >= threshold) & valid
+    ``threshold`` and the pixel is valid (not padding): :func:`kept_pseudo_loss` with that mask."""
+    return kept_pseudo_loss(logits, pseudo, (conf >= threshold) & valid, valid, kind)
+
+
+def kept_pseudo_loss(logits: torch.Tensor, pseudo: torch.Tensor, keep: torch.Tensor, valid: torch.Tensor, kind: str = "ce") -> torch.Tensor:
+    """The unlabeled loss against hard pseudo-labels on the pixels ``keep`` selects (bool
+    [B, H, W], valid pixels only). ``ce``: per-pixel CE *divided by the number of valid pixels*
+    (not of kept ones), so that few kept pixels give a small loss (UniMatch's natural-image
+    code); ``dice``: :func:`dice_loss` over the kept pixels (the medical code's
+    ``ignore=(conf < thresh)``)."""
     if kind == "dice":
         return dice_loss(logits, pseudo, keep)
     if kind != "ce":
@@ -226,3 +247,159 @@ def pseudo_label_metrics(pseudo: torch.Tensor, conf: torch.Tensor, valid: torch.
             if v is not None:
                 out[f"{kind}_{name}"] = v
     return out
+
+
+def class_ious(pseudo: torch.Tensor, gt: torch.Tensor | None, keep: torch.Tensor, num_classes: int) -> dict[int, float]:
+    """IoU of pseudo-labels and the truth for each class that either shows on the kept pixels
+    (the terms of :func:`class_mean_iou`); empty without a truth or a kept pixel."""
+    if gt is None:
+        return {}
+    m = keep & (gt != IGNORE_INDEX)
+    if not m.any():
+        return {}
+    p, g = pseudo[m], gt[m]
+    out = {}
+    for c in range(num_classes):
+        union = ((p == c) | (g == c)).sum()
+        if union:
+            out[c] = float(((p == c) & (g == c)).sum() / union)
+    return out
+
+
+# ----------------------------------------------------------------------------- weak-to-strong bases
+@dataclass
+class NetOutput:
+    """One pass of a network: ``logits`` [B, C, H, W] and what they came from, the decoder
+    features ``decoded`` (:meth:`Segmenter.decode_features`, [B, D, h, w]; None for a network
+    without ``classify``) and the encoder levels ``features``."""
+
+    logits: torch.Tensor
+    decoded: torch.Tensor | None = None
+    features: list[torch.Tensor] | None = None
+
+    def split(self, sizes: list[int]) -> list[NetOutput]:
+        logits = self.logits.split(sizes)
+        dec = self.decoded.split(sizes) if self.decoded is not None else [None] * len(sizes)
+        feats = list(zip(*[f.split(sizes) for f in self.features])) if self.features is not None else [None] * len(sizes)
+        return [NetOutput(lg, d, None if f is None else list(f)) for lg, d, f in zip(logits, dec, feats)]
+
+    def detach(self) -> NetOutput:
+        return NetOutput(self.logits.detach(), None if self.decoded is None else self.decoded.detach(),
+                         None if self.features is None else [f.detach() for f in self.features])
+
+
+def run_net(net, images: torch.Tensor) -> NetOutput:
+    """``net(images)`` as encode -> decode_features -> classify, keeping the features: the same
+    operations as :meth:`Segmenter.forward` for inputs whose sides divide by ``size_divisor``
+    (training crops are multiples of 32), hence the same logits. A network without ``classify``
+    (SSR-SAM's retrieval model) runs ``decode(encode(x))``, its own forward."""
+    size = images.shape[-2:]
+    feats = net.encode(images)
+    if hasattr(net, "classify"):
+        dec = net.decode_features(feats)
+        return NetOutput(net.classify(dec, size), dec, feats)
+    return NetOutput(net.decode(feats, size), None, feats)
+
+
+@dataclass
+class Targets:
+    """Pseudo-labels of the weak view, in its geometry: ``probs`` float32 [B, C, H, W],
+    ``conf`` and ``pseudo`` [B, H, W], and ``keep`` bool [B, H, W], the valid pixels that the
+    unlabeled pixel terms train on."""
+
+    probs: torch.Tensor
+    conf: torch.Tensor
+    pseudo: torch.Tensor
+    keep: torch.Tensor
+
+
+@dataclass
+class StrongView:
+    """A strong view as the student saw it: ``image`` = the strong image CutMixed with its batch
+    partner inside ``box`` (bool [B, H, W]), ``out`` its forward pass (with gradients)."""
+
+    box: torch.Tensor
+    image: torch.Tensor
+    out: NetOutput
+
+    def mix(self, t: torch.Tensor) -> torch.Tensor:
+        """A weak-view map (labels, confidences, masks, probabilities, features at the box's
+        size) carried into this view: the partner's values inside the box."""
+        return mix(self.box, t, mix_partner(t))
+
+
+@dataclass
+class BaseStep:
+    """Everything a base's :meth:`WeakToStrong.views` computed for one step."""
+
+    labeled: dict
+    unlabeled: dict
+    x: NetOutput  # the labeled batch, with gradients
+    weak: NetOutput  # the weak view, detached (the teacher's pass, or the weak half of the joint pass)
+    strong: list[StrongView]  # the strong views the base forwards (FixMatch 1, UniMatch 2)
+    plain: Targets  # the base's own pseudo-labels (confidence threshold)
+    fp: torch.Tensor | None = None  # UniMatch: logits of the feature-perturbed weak view, with gradients
+
+    @property
+    def valid(self) -> torch.Tensor:
+        return self.unlabeled["valid"]
+
+
+class WeakToStrong(Method):
+    """A weak-to-strong base (FixMatch, UniMatch): :meth:`views` runs the networks,
+    :meth:`pseudo_targets` makes the pseudo-labels, :meth:`base_terms` the base's loss terms on
+    given targets, :meth:`output` wraps them with the pseudo-label metrics. ``training_step`` is
+    the three in a row; add-ons call them one by one (module docstring)."""
+
+    uses_unlabeled = True
+    default_teacher = "self"
+
+    @property
+    def labeled_weight(self) -> float:
+        """The weight of the labeled pixel loss in this base's total (0.5 in both bases: their
+        code halves (L_x + L_u)); an add-on scales a paper's weights, given relative to a
+        labeled loss of weight 1, by it."""
+        raise NotImplementedError
+
+    def views(self, student, teacher, labeled: dict, unlabeled: dict) -> BaseStep:
+        raise NotImplementedError
+
+    def base_terms(self, step: BaseStep, targets: Targets) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(weighted terms whose sum is the base's loss, the unweighted losses to log)."""
+        raise NotImplementedError
+
+    def _weak_pass(self, student, teacher, x: torch.Tensor, u_w: torch.Tensor) -> tuple[NetOutput, NetOutput]:
+        """The labeled batch (with gradients) and the weak view (detached). When the teacher is
+        the student (kind ``self``/``none``, or None), one joint train-mode forward of both, as
+        in the official FixMatch/UniMatch segmentation code; otherwise the weak view goes
+        through the teacher (eval mode, no gradients)."""
+        if teacher is None or teacher.is_student:
+            out_x, out_w = run_net(student, torch.cat([x, u_w])).split([x.shape[0], u_w.shape[0]])
+            return out_x, out_w.detach()
+        return run_net(student, x), teacher.predict(u_w, forward=run_net)
+
+    def _strong_views(self, student, unlabeled: dict, n: int) -> list[StrongView]:
+        views = []
+        strong, boxes = unlabeled["strong"], unlabeled["cutmix"]
+        for k in range(n):
+            box = boxes[:, k]
+            img = mix(box, strong[:, k], mix_partner(strong[:, k]))
+            views.append(StrongView(box, img, run_net(student, img)))
+        return views
+
+    def pseudo_targets(self, weak_logits: torch.Tensor, valid: torch.Tensor) -> Targets:
+        """FixMatch/UniMatch pseudo-labels: the argmax of the weak view's (float32) softmax,
+        kept where its confidence reaches ``threshold`` on valid pixels."""
+        probs, conf, pseudo = pseudo_labels(weak_logits)
+        return Targets(probs, conf, pseudo, (conf >= self.p.threshold) & valid)
+
+    def output(self, step: BaseStep, targets: Targets) -> StepOutput:
+        """The base's terms on ``targets``; metrics of the base's own pseudo-labels (``step.plain``)."""
+        terms, logged = self.base_terms(step, targets)
+        plain = step.plain
+        metrics = pseudo_label_metrics(plain.pseudo, plain.conf, step.valid, self.p.threshold, step.unlabeled.get("gt"))
+        return StepOutput({"loss": sum(terms.values()), **logged}, metrics, terms)
+
+    def training_step(self, student, teacher, labeled, unlabeled, ctx):
+        step = self.views(student, teacher, labeled, unlabeled)
+        return self.output(step, step.plain)

@@ -93,13 +93,16 @@ from pydantic import Field
 from scipy import ndimage
 from torch import nn
 
-from ..augment.transforms import mix
 from ..data.dataset import IGNORE_INDEX
-from .base import Method, MethodParams, StepOutput, accuracy_of, mix_partner, pseudo_labels, supervised_loss
+from .addon import AddOn, AddOnParams, autocast_off
+from .base import Targets, accuracy_of, class_mean_iou
 
 
-class RegionMatchParams(MethodParams):
-    threshold: float = Field(0.95, ge=0, le=1)  # FixMatch tau (sec. 3.1), used when PRSPL is off
+class RegionMatchParams(AddOnParams):
+    # sec. 3.1: "built upon the classic pseudo-labeling and weak-to-strong consistency regularization
+    # framework [Sohn et al., 2020]" (FixMatch); unimatch: the same terms over UniMatch
+    base: Literal["fixmatch", "unimatch"] = "fixmatch"
+    # threshold (tau of eq. 3, 0.95), labeled_loss / unlabeled_loss, base_params: the base's (AddOnParams)
     tau_low: float = Field(0.85, ge=0, le=1)  # sec. 4.1
     tau_high: float = Field(0.95, ge=0, le=1)  # sec. 4.1
     lambda_u_region: float = 0.5  # eq. 8: lambda = 0.5
@@ -115,7 +118,7 @@ class RegionMatchParams(MethodParams):
     region_labels: Literal["both", "hard", "soft"] = "both"  # Table 7
     region_labeled: bool = True  # Table 5
     region_unlabeled: bool = True  # Table 5
-    proj_dim: int = 256
+    proj_dim: int = 256  # h(.): not given in the paper
     min_region_pixels: int = 64
     max_regions: int = 512
     prcc_reduction: Literal["mean", "sum"] = "mean"
@@ -130,6 +133,11 @@ class RegionMatchParams(MethodParams):
     # than this share of their image's valid pixels enter no region loss
     max_region_share: float = Field(0.8, gt=0, le=1)
     region_pixels: Literal["all", "prspl"] = "all"  # paper: all pixels of a region; prspl: only pixels the pixel loss keeps
+
+    @property
+    def uses_regions(self) -> bool:
+        """Whether any of RegionMatch's own pieces is on (with none, the method is its base)."""
+        return self.prspl or self.cir or self.prcc or self.region_labeled or self.region_unlabeled
 
 
 # ----------------------------------------------------------------------------- pure pieces
@@ -321,18 +329,19 @@ def pixel_region_loss(
 
 
 # ----------------------------------------------------------------------------- the method
-class RegionMatch(Method):
+class RegionMatch(AddOn):
     Params = RegionMatchParams
-    uses_unlabeled = True
-    n_strong = 1
     default_teacher = "self"
 
     def __init__(self, params=None, *, num_classes: int, model=None):
         super().__init__(params, num_classes=num_classes, model=model)
         if model is None:
             raise ValueError("regionmatch needs the model to size its projection layer (feature_channels)")
+        self._init_modules(model)
+
+    def build_modules(self, model) -> None:
         self.proj = nn.Linear(model.feature_channels, self.p.proj_dim)  # h(.)
-        self.region_classifier = nn.Linear(self.p.proj_dim, num_classes)  # f_r
+        self.region_classifier = nn.Linear(self.p.proj_dim, self.num_classes)  # f_r
 
     def _regions(self, labels: torch.Tensor):
         return connected_regions(labels, self.num_classes, self.p.min_region_pixels, self.p.max_regions)
@@ -345,131 +354,129 @@ class RegionMatch(Method):
 
     def training_step(self, student, teacher, labeled, unlabeled, ctx):
         p = self.p
-        x, u_w = labeled["image"], unlabeled["image"]
-        b, bu = x.shape[0], u_w.shape[0]
-        size = x.shape[-2:]
-        # labeled + weak view (FixMatch/UniMatch: one joint forward when the teacher is the student)
-        if teacher is None or teacher.is_student:
-            dec = student.decode_features(student.encode(torch.cat([x, u_w])))
-            logits = student.classify(dec, size)
-            pred_x, pred_w = logits[:b], logits[b:].detach()
-            dec_x, dec_w = dec[:b], dec[b:].detach()
-        else:
-            dec_x = student.decode_features(student.encode(x))
-            pred_x = student.classify(dec_x, size)
-            with torch.no_grad():
-                tm = teacher.model
-                was = tm.training
-                tm.eval()
-                dec_w = tm.decode_features(tm.encode(u_w))
-                pred_w = tm.classify(dec_w, size)
-                tm.train(was)
-        q_pixel, conf, pseudo = pseudo_labels(pred_w)
-        valid = unlabeled["valid"]
-        pseudo_in = torch.where(valid, pseudo, torch.full_like(pseudo, IGNORE_INDEX))
-
-        losses: dict[str, torch.Tensor] = {}
+        step = self.base.views(student, teacher, labeled, unlabeled)
+        plain = step.plain
+        if not p.uses_regions:  # every piece of RegionMatch off: the base, exactly
+            return self.base.output(step, plain)
+        if step.x.decoded is None:
+            raise ValueError("regionmatch pools decoder features: it needs a model with decode_features / classify (a Segmenter)")
+        valid = step.valid
+        b, bu = labeled["image"].shape[0], unlabeled["image"].shape[0]
+        pseudo_in = torch.where(valid, plain.pseudo, torch.full_like(plain.pseudo, IGNORE_INDEX))
         metrics: dict[str, float] = {}
-        zero = pred_x.sum() * 0.0
+        with autocast_off(labeled["image"].device):  # region pooling, similarities, PRCC: float32
+            dec_x, dec_w = step.x.decoded.float(), step.weak.decoded.float()
+            zero = dec_x.sum() * 0.0
 
-        # ---- L_r^l (eq. 5): labeled regions from the ground truth
-        loss_r_l = zero
-        if p.region_labeled:
-            ids_l, cls_l, img_l, _ = self._regions(labeled["mask"])
-            if len(cls_l):
-                r_l, _, cnt_l = self._region_embed(dec_x, ids_l, len(cls_l))
-                ce = F.cross_entropy(self.region_classifier(r_l), cls_l, reduction="none")
-                loss_r_l = per_image_mean(ce, img_l, cnt_l > 0, b)
+            # ---- L_r^l (eq. 5): labeled regions from the ground truth
+            loss_r_l = zero
+            if p.region_labeled:
+                ids_l, cls_l, img_l, _ = self._regions(labeled["mask"])
+                if len(cls_l):
+                    r_l, _, cnt_l = self._region_embed(dec_x, ids_l, len(cls_l))
+                    ce = F.cross_entropy(self.region_classifier(r_l), cls_l, reduction="none")
+                    loss_r_l = per_image_mean(ce, img_l, cnt_l > 0, b)
 
-        # ---- weak-view regions, their targets and region-view distribution (no grad: targets)
-        ids_u, cls_u, img_u, size_u = self._regions(pseudo_in)
-        n = len(cls_u)
-        with torch.no_grad():
+            # ---- weak-view regions, their targets and region-view distribution (no grad: targets)
+            q_pixel, conf = plain.probs, plain.conf
+            ids_u, cls_u, img_u, size_u = self._regions(pseudo_in)
+            n = len(cls_u)
+            with torch.no_grad():
+                if n:
+                    r_w, _, cnt_w = self._region_embed(dec_w, ids_u, n)
+                    q_region_vec = self.region_classifier(r_w).softmax(1)
+                    flat_ids = ids_u.reshape(-1)
+                    inside = flat_ids >= 0
+                    probs_flat = q_pixel.permute(0, 2, 3, 1).reshape(-1, q_pixel.shape[1])
+                    full_counts = torch.bincount(flat_ids[inside], minlength=n)[:n].clamp_min(1).float()
+                    mean_prob = torch.zeros(n, q_pixel.shape[1], device=q_pixel.device).index_add(0, flat_ids[inside], probs_flat[inside]) / full_counts[:, None]
+                    mean_conf = torch.zeros(n, device=q_pixel.device).index_add(0, flat_ids[inside], conf.reshape(-1)[inside]) / full_counts
+                    targets_r, keep_r = region_targets(mean_conf, mean_prob, p.tau_low, p.tau_high, p.region_labels)
+                    has_view = (ids_u >= 0) & (cnt_w > 0)[ids_u.clamp_min(0)]
+                    q_region = q_region_vec[ids_u.clamp_min(0)].permute(0, 3, 1, 2)
+                else:
+                    r_w = torch.zeros(0, p.proj_dim, device=valid.device)
+                    cnt_w = torch.zeros(0, dtype=torch.long, device=valid.device)
+                    keep_r = torch.zeros(0, dtype=torch.bool, device=valid.device)
+                    has_view = torch.zeros_like(valid)
+                    q_region = q_pixel
+
+            # ---- the pixel mask of the base's unlabeled terms: PRSPL (eqs. 9-17) or the base's threshold
+            alpha = alpha_at(p.alpha0, ctx.epoch, ctx.total_epochs, p.dynamic_alpha, p.alpha_schedule)
+            thr_mask = plain.keep
+            prspl = prspl_mask(q_pixel, q_region, has_view, valid, alpha) if n else torch.zeros_like(valid)
+            mask = prspl if p.prspl else thr_mask
+        out = self.base.output(step, Targets(plain.probs, plain.conf, plain.pseudo, mask) if p.prspl else plain)
+
+        with autocast_off(labeled["image"].device):
+            # ---- unlabeled region losses on each strong view the base forwards (mean over views);
+            # region ids move with the CutMix box (deviations: docstring)
+            share = torch.zeros(n, device=valid.device)
+            too_large = torch.zeros(n, dtype=torch.bool, device=valid.device)
+            per_view = {"r_u": [], "cir": [], "prcc": [], "in_loss": [], "in_cir": [], "share_in_loss": []}
             if n:
-                r_w, _, cnt_w = self._region_embed(dec_w, ids_u, n)
-                q_region_vec = self.region_classifier(r_w).softmax(1)
-                flat_ids = ids_u.reshape(-1)
-                inside = flat_ids >= 0
-                probs_flat = q_pixel.permute(0, 2, 3, 1).reshape(-1, q_pixel.shape[1])
-                full_counts = torch.bincount(flat_ids[inside], minlength=n)[:n].clamp_min(1).float()
-                mean_prob = torch.zeros(n, q_pixel.shape[1], device=q_pixel.device).index_add(0, flat_ids[inside], probs_flat[inside]) / full_counts[:, None]
-                mean_conf = torch.zeros(n, device=q_pixel.device).index_add(0, flat_ids[inside], conf.reshape(-1)[inside]) / full_counts
-                targets, keep_r = region_targets(mean_conf, mean_prob, p.tau_low, p.tau_high, p.region_labels)
-                has_view = (ids_u >= 0) & (cnt_w > 0)[ids_u.clamp_min(0)]
-                q_region = q_region_vec[ids_u.clamp_min(0)].permute(0, 3, 1, 2)
-            else:
-                r_w = torch.zeros(0, p.proj_dim, device=u_w.device)
-                keep_r = torch.zeros(0, dtype=torch.bool, device=u_w.device)
-                has_view = torch.zeros_like(valid)
-                q_region = q_pixel
+                share = size_u.float() / valid.sum((1, 2)).clamp_min(1).float()[img_u]  # of the image's valid pixels
+                too_large = share > p.max_region_share
+                ids_loss = ids_u
+                if p.region_pixels == "prspl":  # only the pixels the unlabeled pixel loss keeps
+                    ids_loss = torch.where(mask, ids_u, torch.full_like(ids_u, -1))
+                    with torch.no_grad():
+                        r_w, _, cnt_w = self._region_embed(dec_w, ids_loss, n)
+                for view in step.strong:
+                    dec_s = view.out.decoded.float()
+                    r_s, ids_s, cnt_s = self._region_embed(dec_s, view.mix(ids_loss), n)
+                    eligible = (cnt_s > 0) & ~too_large  # visible in the strong view, not near-whole-image
+                    in_loss = keep_r & eligible  # I of eq. 6, for L_r^u and PRCC
+                    in_cir = eligible & (cnt_w > 0)  # seen in both views
+                    if p.region_unlabeled:  # eq. 7
+                        per_view["r_u"].append(per_image_mean(soft_ce(self.region_classifier(r_s), targets_r), img_u, in_loss, bu))
+                    if p.cir:  # eqs. 18-19
+                        per_view["cir"].append(similarity_consistency(r_w[in_cir], r_s[in_cir]))
+                    if p.prcc:  # eqs. 20-21 on the kept regions I
+                        pix = self.proj(dec_s.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+                        per_view["prcc"].append(pixel_region_loss(pix, ids_s, r_s, in_loss, p.prcc_reduction, p.prcc_distance))
+                    n_in = int(in_loss.sum())
+                    per_view["in_loss"].append(float(n_in))
+                    per_view["in_cir"].append(float(in_cir.sum()))
+                    per_view["share_in_loss"].append(float(share[in_loss].mean()) if n_in else 0.0)
 
-        # ---- pixel mask for L_p^u: PRSPL (eqs. 9-17) or FixMatch's threshold
-        alpha = alpha_at(p.alpha0, ctx.epoch, ctx.total_epochs, p.dynamic_alpha, p.alpha_schedule)
-        thr_mask = (conf >= p.threshold) & valid
-        prspl = prspl_mask(q_pixel, q_region, has_view, valid, alpha) if n else torch.zeros_like(valid)
-        mask = prspl if p.prspl else thr_mask
+            def view_mean(key):
+                vals = per_view[key]
+                return sum(vals) / len(vals) if vals else zero
 
-        # ---- strong view with CutMix; pseudo-labels, mask and region ids move with the box
-        box = unlabeled["cutmix"][:, 0]
-        img_s = mix(box, unlabeled["strong"][:, 0], mix_partner(unlabeled["strong"][:, 0]))
-        dec_s = student.decode_features(student.encode(img_s))
-        pred_s = student.classify(dec_s, size)
-        pseudo_m = mix(box, pseudo, mix_partner(pseudo))
-        mask_m = mix(box, mask, mix_partner(mask))
-        valid_m = mix(box, valid, mix_partner(valid))
-        ce_s = F.cross_entropy(pred_s, pseudo_m, reduction="none")
-        loss_p_u = ((ce_s * mask_m).sum((1, 2)) / valid_m.sum((1, 2)).clamp_min(1)).mean()  # eq. 16
-        loss_p_l = supervised_loss(pred_x, labeled["mask"], weight=labeled.get("weight"))
+            loss_r_u, loss_cir, loss_prcc = view_mean("r_u"), view_mean("cir"), view_mean("prcc")
 
-        # ---- unlabeled region losses: which regions and pixels enter them (deviations: docstring)
-        loss_r_u, loss_cir, loss_prcc = zero, zero, zero
-        in_loss = in_cir = too_large = torch.zeros(n, dtype=torch.bool, device=u_w.device)
-        share = torch.zeros(n, device=u_w.device)
-        if n:
-            share = size_u.float() / valid.sum((1, 2)).clamp_min(1).float()[img_u]  # of the image's valid pixels
-            too_large = share > p.max_region_share
-            ids_loss = ids_u
-            if p.region_pixels == "prspl":  # only the pixels the unlabeled pixel loss keeps
-                ids_loss = torch.where(mask, ids_u, torch.full_like(ids_u, -1))
-                with torch.no_grad():
-                    r_w, _, cnt_w = self._region_embed(dec_w, ids_loss, n)
-            ids_s_full = mix(box, ids_loss, mix_partner(ids_loss))
-            r_s, ids_s, cnt_s = self._region_embed(dec_s, ids_s_full, n)
-            eligible = (cnt_s > 0) & ~too_large  # visible in the strong view, not near-whole-image
-            in_loss = keep_r & eligible  # I of eq. 6, for L_r^u and PRCC
-            in_cir = eligible & (cnt_w > 0)  # seen in both views
-            if p.region_unlabeled:  # eq. 7
-                ce_r = soft_ce(self.region_classifier(r_s), targets)
-                loss_r_u = per_image_mean(ce_r, img_u, in_loss, bu)
-            if p.cir:  # eqs. 18-19
-                loss_cir = similarity_consistency(r_w[in_cir], r_s[in_cir])
-            if p.prcc:  # eqs. 20-21 on the kept regions I
-                pix = self.proj(dec_s.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-                loss_prcc = pixel_region_loss(pix, ids_s, r_s, in_loss, p.prcc_reduction, p.prcc_distance)
-
-        w = rampup_weight(ctx.progress, p.region_rampup, p.region_rampup_shape)  # 1 with region_rampup 0 (the paper)
-        terms = {  # eq. 4 with eqs. 1 and 8; the unlabeled region terms ramped by w
-            "x": loss_p_l, "u": loss_p_u, "r_l": loss_r_l, "r_u": w * p.lambda_u_region * loss_r_u,
-            "cir": w * p.lambda_cir * loss_cir, "prcc": w * p.lambda_prcc * loss_prcc,
-        }
-        loss = sum(terms.values())
-        losses = {
-            "loss": loss, "loss_x": loss_p_l.detach(), "loss_u": loss_p_u.detach(), "loss_r_l": loss_r_l.detach(),
-            "loss_r_u": loss_r_u.detach(), "loss_cir": loss_cir.detach(), "loss_prcc": loss_prcc.detach(),
-        }
+        # eq. 4 (L_p + L_r + lambda_1 L_CIR + lambda_2 L_PR, L_r of eq. 8) in the base's scale: the
+        # base weighs its labeled pixel loss by labeled_weight (0.5), so the region terms are too;
+        # the unlabeled region terms ramped by w (1 with region_rampup 0, the paper)
+        scale = self.base.labeled_weight
+        w = rampup_weight(ctx.progress, p.region_rampup, p.region_rampup_shape)
+        terms: dict[str, torch.Tensor] = {}
+        if p.region_labeled:
+            terms["r_l"] = scale * loss_r_l
+        if p.region_unlabeled:
+            terms["r_u"] = scale * w * p.lambda_u_region * loss_r_u
+        if p.cir:
+            terms["cir"] = scale * w * p.lambda_cir * loss_cir
+        if p.prcc:
+            terms["prcc"] = scale * w * p.lambda_prcc * loss_prcc
+        logged = {"loss_r_l": loss_r_l.detach(), "loss_r_u": loss_r_u.detach(), "loss_cir": loss_cir.detach(), "loss_prcc": loss_prcc.detach()}
         nv = valid.sum().clamp_min(1)
-        n_in = int(in_loss.sum())
         metrics.update({
             "regions": float(n), "regions_kept": float(keep_r.sum()) if n else 0.0, "alpha": alpha,
-            "regions_too_large": float(too_large.sum()), "regions_in_loss": float(n_in),
-            "region_share_in_loss": float(share[in_loss].mean()) if n_in else 0.0,
-            "regions_in_cir": float(in_cir.sum()), "region_weight": w,
-            "mask_ratio": float(mask.sum() / nv), "prspl_ratio": float(prspl.sum() / nv), "thr_ratio": float(thr_mask.sum() / nv),
+            "regions_too_large": float(too_large.sum()), "regions_in_loss": _mean(per_view["in_loss"]),
+            "region_share_in_loss": _mean(per_view["share_in_loss"]), "regions_in_cir": _mean(per_view["in_cir"]),
+            "region_weight": w, "mask_ratio": float(mask.sum() / nv), "prspl_ratio": float(prspl.sum() / nv),
+            "thr_ratio": float(thr_mask.sum() / nv),
         })
         gt = unlabeled.get("gt")
         if gt is not None:  # Fig. 4: pseudo-label accuracy with and without PRSPL, same predictions
-            for name, m in (("acc_prspl", prspl), ("acc_threshold", thr_mask), ("acc_all", valid)):
-                a = accuracy_of(pseudo, gt, m)
-                if a is not None:
-                    metrics[name] = a
-        return StepOutput(losses, metrics, terms)
+            for kind, fn in (("acc", accuracy_of), ("miou", class_mean_iou)):
+                v = fn(plain.pseudo, gt, prspl)
+                if v is not None:
+                    metrics[f"{kind}_prspl"] = v
+        return self.finish(out, terms, logged, metrics)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0

@@ -9,6 +9,9 @@ natural-image code, or (CE + Dice) / 2 and Dice with low-confidence pixels ignor
 medical (ACDC) code. Feature perturbation: channel dropout (``Dropout2d``, p = 0.5) on the encoder
 features fed to the decoder, on the weak view, as ``decode(dropout(encode(x)))``.
 
+A base of the method seam (:class:`~lowlabel.methods.base.WeakToStrong`): RegionMatch and
+DerProp run this code with ``method.params.base: unimatch`` and add their terms.
+
 Deviation (stated): UniMatch draws CutMix partners from a second unlabeled loader; lowlabel mixes
 each sample with the next one of the same batch (``mix_partner``), which saves a loader and a
 forward pass. With an unlabeled batch of 1 the mix is therefore a no-op.
@@ -20,15 +23,12 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from ..augment.transforms import mix
 from .base import (
+    BaseStep,
     LossParams,
-    Method,
-    StepOutput,
-    masked_pseudo_loss,
-    mix_partner,
-    pseudo_label_metrics,
-    pseudo_labels,
+    WeakToStrong,
+    kept_pseudo_loss,
+    run_net,
     supervised_loss,
 )
 
@@ -44,11 +44,13 @@ class UniMatchParams(LossParams):
     strong_views: int = Field(2, ge=1, le=2)
 
 
-class UniMatch(Method):
+class UniMatch(WeakToStrong):
     Params = UniMatchParams
-    uses_unlabeled = True
     n_strong = 2
-    default_teacher = "self"
+
+    @property
+    def labeled_weight(self) -> float:
+        return self.p.weight_x
 
     def perturbed_decode(self, student, feats, size):
         """decode(dropout(encode(x))): channel dropout on every encoder level, except a first level
@@ -57,46 +59,28 @@ class UniMatch(Method):
         skip = 1 if getattr(student, "features_include_input", True) else 0
         return student.decode([F.dropout2d(f, self.p.fp_dropout, training=True) if i >= skip else f for i, f in enumerate(feats)], size)
 
-    def training_step(self, student, teacher, labeled, unlabeled, ctx):
+    def views(self, student, teacher, labeled, unlabeled) -> BaseStep:
         x, u_w = labeled["image"], unlabeled["image"]
         b = x.shape[0]
         if teacher is None or teacher.is_student:
             # one joint forward of labeled + weak, with the perturbed branch (UniMatch's need_fp)
-            feats = student.encode(torch.cat([x, u_w]))
-            size = x.shape[-2:]
-            both = student.decode(feats, size)
-            fp = self.perturbed_decode(student, feats, size)
-            pred_x, pred_w = both.split([b, u_w.shape[0]])
-            pred_fp = fp[b:]
-            pred_w = pred_w.detach()
+            both = run_net(student, torch.cat([x, u_w]))
+            fp = self.perturbed_decode(student, both.features, x.shape[-2:])[b:]
+            out_x, out_w = both.split([b, u_w.shape[0]])
+            out_w = out_w.detach()
         else:
-            pred_x = student(x)
-            pred_w = teacher.predict(u_w)
-            feats = student.encode(u_w)
-            pred_fp = self.perturbed_decode(student, feats, u_w.shape[-2:])
-        _, conf, pseudo = pseudo_labels(pred_w)
-        valid = unlabeled["valid"]
+            out_x = run_net(student, x)
+            out_w = teacher.predict(u_w, forward=run_net)
+            fp = self.perturbed_decode(student, student.encode(u_w), u_w.shape[-2:])
+        plain = self.pseudo_targets(out_w.logits, unlabeled["valid"])
+        return BaseStep(labeled, unlabeled, out_x, out_w, self._strong_views(student, unlabeled, self.p.strong_views), plain, fp)
 
-        strong, boxes = unlabeled["strong"], unlabeled["cutmix"]
-        losses_s = []
-        for k in range(self.p.strong_views):
-            box = boxes[:, k]
-            img = mix(box, strong[:, k], mix_partner(strong[:, k]))
-            losses_s.append(
-                masked_pseudo_loss(
-                    student(img),
-                    mix(box, pseudo, mix_partner(pseudo)),
-                    mix(box, conf, mix_partner(conf)),
-                    mix(box, valid, mix_partner(valid)),
-                    self.p.threshold,
-                    self.p.unlabeled_loss,
-                )
-            )
-        loss_x = supervised_loss(pred_x, labeled["mask"], self.p.labeled_loss, labeled.get("weight"))
-        loss_fp = masked_pseudo_loss(pred_fp, pseudo, conf, valid, self.p.threshold, self.p.unlabeled_loss)
+    def base_terms(self, step, targets):
+        labeled, valid = step.labeled, step.valid
+        kind = self.p.unlabeled_loss
+        losses_s = [kept_pseudo_loss(v.out.logits, v.mix(targets.pseudo), v.mix(targets.keep), v.mix(valid), kind) for v in step.strong]
+        loss_x = supervised_loss(step.x.logits, labeled["mask"], self.p.labeled_loss, labeled.get("weight"))
+        loss_fp = kept_pseudo_loss(step.fp, targets.pseudo, targets.keep, valid, kind)
         terms = {"x": self.p.weight_x * loss_x, "s": self.p.weight_s * sum(losses_s), "fp": self.p.weight_fp * loss_fp}
-        return StepOutput(
-            {"loss": sum(terms.values()), "loss_x": loss_x.detach(), "loss_s": (sum(losses_s) / len(losses_s)).detach(), "loss_fp": loss_fp.detach()},
-            pseudo_label_metrics(pseudo, conf, valid, self.p.threshold, unlabeled.get("gt")),
-            terms,
-        )
+        logged = {"loss_x": loss_x.detach(), "loss_s": (sum(losses_s) / len(losses_s)).detach(), "loss_fp": loss_fp.detach()}
+        return terms, logged
