@@ -124,6 +124,8 @@ class TrainConfig(_Strict):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="numeric precision of the training step: auto = bf16 where the device runs it natively (a CPU with amx_bf16 / avx512_bf16, a CUDA GPU with bf16), else fp32; fp16 (with a GradScaler) on CUDA only. Losses, thresholded confidences, BN statistics and teacher averages stay fp32 (lowlabel.precision)")
     channels_last: bool | Literal["auto"] = Field("auto", description="channels_last memory format for the model and its batches (training, evaluation, prediction); auto: where the model class says it pays (the convolutional segmenters)")
     amp: bool | Literal["auto"] | None = Field(None, description="replaced by train.precision; 'auto' (the old default) is accepted and ignored")
+    sync_bn: bool = Field(False, description="under torchrun: synchronised BatchNorm, statistics over the global batch (UniMatch trains so; torch's SyncBatchNorm on CUDA, lowlabel.engine.syncbn on the CPU with gloo); without it each process keeps its own")
+    find_unused_parameters: bool | Literal["auto"] = Field("auto", description="DistributedDataParallel's find_unused_parameters; auto: what the method declares (ddp_find_unused_parameters; True unless it uses every parameter every step)")
     seed: int = 0
     deterministic: bool = False
     select: Literal["miou", "dice_mean", "ap", "ap50"] = Field("miou", description="validation metric that picks the best checkpoint (miou / dice_mean: semantic runs; ap / ap50: instance runs, where the default miou means ap)")

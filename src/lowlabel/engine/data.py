@@ -106,7 +106,12 @@ def build_sets(cfg: DataConfig, n_strong: int, seed: int, need_unlabeled: bool, 
 
 
 class Stream:
-    """Endless batches of a dataset for one rank of ``world``; epochs reshuffle."""
+    """Endless batches of a dataset for one rank of ``world``; epochs reshuffle.
+
+    Ranks share one permutation per epoch, and global batch ``k`` is the same images whatever
+    ``world`` is: rank ``r`` takes the ``r``-th slice of ``batch_size`` of its block of
+    ``batch_size * world`` (so 2 ranks of batch b see what 1 process of batch 2b sees, and the
+    ranks' shards are disjoint within an epoch)."""
 
     def __init__(self, dataset, batch_size: int, *, seed: int, workers: int = 0, rank: int = 0, world: int = 1, pin: bool = False):
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
@@ -122,7 +127,9 @@ class Stream:
         rng = np.random.default_rng([self.seed, epoch])
         reps = -(-self.per_rank * self.world // n)
         perm = np.concatenate([rng.permutation(n) for _ in range(reps)])
-        mine = perm[self.rank * self.per_rank : (self.rank + 1) * self.per_rank]
+        b, w = self.batch_size, self.world
+        used = perm[: self.batches_per_epoch * b * w].reshape(self.batches_per_epoch, w, b)
+        mine = used[:, self.rank].reshape(-1)  # world 1: perm[:batches * b], as before
         return [(int(i), epoch) for i in mine]
 
     def batches(self, start: int = 0) -> Iterator[dict]:

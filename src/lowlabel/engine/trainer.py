@@ -12,10 +12,16 @@ Run directory layout::
       summary.json              final numbers
 
 Distributed training: launched with ``torchrun``, each process trains on its shard of each
-epoch and gradients are averaged with one all-reduce per step. lowlabel does not wrap the
-student in ``DistributedDataParallel``: methods call ``encode``/``decode`` directly, which would
-bypass DDP's forward hooks; the explicit all-reduce is correct for any method. Batch-norm
-statistics stay per process (as DDP without SyncBN).
+epoch (:class:`~lowlabel.engine.data.Stream`: global batch k is the same images for any number of
+processes) under ``torch.nn.parallel.DistributedDataParallel``. DDP wraps :class:`TrainingStep`,
+a module whose ``forward`` is the method's training step, so methods keep calling
+``encode``/``decode`` directly and DDP's hooks still see every parameter of the student and of
+the method's own modules (the teacher is outside it and takes no gradients). Gradients are
+averaged in DDP's buckets, overlapped with the backward pass. ``train.sync_bn`` converts the
+student's BatchNorm to synchronised BatchNorm (statistics over the global batch, as UniMatch
+trains; :mod:`lowlabel.engine.syncbn`, which also runs on the CPU with gloo);
+without it each process keeps its own statistics and DDP broadcasts rank 0's buffers every step.
+Rank 0 writes the run directory and checkpoints; every rank reads them on resume.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ from ..precision import Precision, legacy_precision, resolve_precision
 from ..utils import atomic_torch_save, atomic_write_json, atomic_write_text, console, progress_bar, remove_orphan_temps, resolve_device
 from .data import Stream, build_sets
 from .optim import build_optimizer, set_lr
+from .syncbn import convert_sync_batchnorm, plain_batchnorm
 from .teachers import Teacher
 
 CHECKPOINT_FORMAT = "lowlabel-checkpoint-1"
@@ -224,16 +231,24 @@ class Trainer:
         for key, value in (("data.crop", cfg.data.crop), window):
             if side and value > side:
                 raise ConfigError(f"{key}={value} exceeds the {cfg.model.arch} encoder's input side {side} (model.options.img_size): set {key} <= {side}")
+        if cfg.train.sync_bn:  # same parameters and buffers, so checkpoints load either way
+            self.student = convert_sync_batchnorm(self.student, self.device)
         self.method = build_method(cfg.method.name, cfg.method.params, num_classes=self.num_classes, model=self.student, task=self.task).to(self.device)
         kind = cfg.teacher.kind
         self.teacher = Teacher(kind, self.student, cfg.teacher.decay)
+        if cfg.train.sync_bn and not self.teacher.is_student:
+            self.teacher.model = plain_batchnorm(self.teacher.model)
         if mcls.needs_run:
             self.method.attach(RunContext(self.labeled_set, self.run_dir, self.device, cfg.eval, cfg.train.seed, kind))
         self.optimizer = build_optimizer(cfg.optim, self.student, self.method)
         self.scaler = self._scaler()
-        if self.world > 1:  # same initial weights on every rank
-            for t in list(self.student.state_dict().values()) + list(self.method.state_dict().values()):
-                dist.broadcast(t.data if hasattr(t, "data") else t, 0)
+        self.step_module = TrainingStep(self.student, self.method, self.teacher)
+        if self.world > 1:  # DDP broadcasts rank 0's weights and buffers at construction
+            unused = cfg.train.find_unused_parameters
+            self.find_unused = getattr(mcls, "ddp_find_unused_parameters", True) if unused == "auto" else bool(unused)
+            self.step_module = torch.nn.parallel.DistributedDataParallel(
+                self.step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None, find_unused_parameters=self.find_unused,
+            )
             if not self.teacher.is_student:
                 self.teacher.model.load_state_dict(self.student.state_dict())
         self.val_set = None
@@ -272,7 +287,8 @@ class Trainer:
             "format": CHECKPOINT_FORMAT, "name": self.cfg.name, "dataset": self.info.name,
             "classes": list(self.info.classes), "palette": [list(c) for c in self.info.palette],
             "model": model_spec(self.cfg, self.num_classes), "method": self.cfg.method.name,
-            "precision": self.precision.record(),
+            "precision": self.precision.record(), "world_size": self.world,
+            **({"sync_bn": self.cfg.train.sync_bn, "find_unused_parameters": self.find_unused} if self.world > 1 else {}),
         })
         (self.run_dir / "metrics.jsonl").write_text("")
 
@@ -407,21 +423,6 @@ class Trainer:
     def _ctx(self) -> StepContext:
         return StepContext(self.iteration, self.total, self.iteration // self.iters_per_epoch, self.total_epochs, self.num_classes)
 
-    def _all_reduce_grads(self) -> None:
-        if self.world == 1:
-            return
-        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-        if not params:
-            return
-        flat = torch.cat([p.grad.reshape(-1) for p in params])
-        dist.all_reduce(flat)
-        flat /= self.world
-        o = 0
-        for p in params:
-            n = p.grad.numel()
-            p.grad.copy_(flat[o : o + n].view_as(p.grad))
-            o += n
-
     def validate(self) -> dict | None:
         if self.val_set is None:
             return None
@@ -451,7 +452,7 @@ class Trainer:
         self.student.train()
         self.method.train()
         with self.precision.autocast():
-            out = self.method.training_step(self.student, self.teacher, lab, unl, self._ctx())
+            out = self.step_module(lab, unl, self._ctx())
         loss = out.losses["loss"]
         if not torch.isfinite(loss):
             raise DivergenceError(
@@ -461,8 +462,7 @@ class Trainer:
         every = cfg.train.grad_norm_every
         norms = self.grad_norms(out.terms) if every and (self.iteration + 1) % every == 0 and out.terms else {}  # logged with step iteration + 1
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self._all_reduce_grads()
+        self.scaler.scale(loss).backward()  # under DDP: gradients averaged over the ranks here
         if cfg.optim.grad_clip:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], cfg.optim.grad_clip)
@@ -559,6 +559,19 @@ class Trainer:
             dist.destroy_process_group()
             self.distributed = False
         return summary
+
+
+class TrainingStep(torch.nn.Module):
+    """The method's training step as a module (the student and the method's own modules are its
+    submodules, the teacher is not): what DDP wraps, so its forward hooks run around the step."""
+
+    def __init__(self, student: torch.nn.Module, method: torch.nn.Module, teacher: Teacher):
+        super().__init__()
+        self.student, self.method = student, method
+        self.__dict__["teacher"] = teacher  # not a submodule: no gradients, not synchronised
+
+    def forward(self, labeled: dict, unlabeled: dict | None, ctx: StepContext):
+        return self.method.training_step(self.student, self.teacher, labeled, unlabeled, ctx)
 
 
 def check_compatible(state: dict, spec: dict, path) -> None:

@@ -10,6 +10,7 @@ from .base import LossParams, Method, MethodParams, StepOutput, supervised_loss
 class Supervised(Method):
     Params = LossParams  # labeled_loss: ce or ce_dice (unlabeled_loss is accepted and unused)
     uses_unlabeled = False
+    ddp_find_unused_parameters = False  # every parameter of the student takes part in every step
 
     def training_step(self, student, teacher, labeled, unlabeled, ctx):
         loss = supervised_loss(student(labeled["image"]), labeled["mask"], self.p.labeled_loss, labeled.get("weight"))
