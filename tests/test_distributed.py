@@ -86,8 +86,10 @@ def test_interrupted_two_process_run_resumes_identically(tmp_path):
 def test_semi_supervised_methods_train_under_ddp(tmp_path, method, teacher):
     data = make_dataset(tmp_path / "d", n=12)
     raw = ddp_config(data, tmp_path / "r", batch=2, iterations=3, method=method, teacher=teacher)
+    raw["log"] = {"tensorboard": True}
     torchrun(["fit", "-c", str(write_config(raw, tmp_path / "c.yaml")), "--quiet"])
     run_dir = tmp_path / "r" / raw["name"]
+    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1  # rank 0 alone writes
     state = weights(run_dir)
     assert state["iteration"] == 3 and all(torch.isfinite(v).all() for v in state["student"].values() if v.is_floating_point())
     assert json.loads((run_dir / "run.json").read_text())["world_size"] == 2

@@ -16,6 +16,7 @@ from .utils import atomic_write_json, atomic_write_text
 RESUME_MAY_CHANGE = (
     "train.iterations", "train.epochs", "train.val_every", "train.checkpoint_every", "train.log_every",
     "train.grad_norm_every", "train.device", "eval.batch_size",
+    "log.tensorboard", "log.mlflow", "log.mlflow_experiment", "log.images",
 )
 
 

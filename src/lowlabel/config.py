@@ -156,6 +156,13 @@ class EvalConfig(_Strict):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="numeric precision of evaluation and prediction: auto = train.precision when that is set, else the device's fast precision (see train.precision); scores are stitched in fp32")
 
 
+class LogConfig(_Strict):
+    tensorboard: bool = Field(False, description="write TensorBoard event files under <run_dir>/tensorboard (losses, lr, pseudo-label accuracy, validation scores, prediction overlays); needs lowlabel[log]")
+    mlflow: str | None = Field(None, description="MLflow tracking URI (e.g. file:///path/mlruns or http://host:5000): params, metrics, best checkpoint; needs lowlabel[log]")
+    mlflow_experiment: str = "lowlabel"
+    images: int = Field(2, ge=0, description="validation images whose prediction overlays go to TensorBoard at each validation")
+
+
 class Config(_Strict):
     name: str = "run"
     out_dir: str = "runs"
@@ -166,6 +173,7 @@ class Config(_Strict):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
 
     @model_validator(mode="after")
     def _channels_match_bands(self):

@@ -50,6 +50,7 @@ from ..models import build_model
 from ..precision import Precision, legacy_precision, resolve_precision
 from ..utils import atomic_torch_save, atomic_write_json, atomic_write_text, console, progress_bar, remove_orphan_temps, resolve_device
 from .data import Stream, build_sets
+from .loggers import Trackers
 from .optim import build_optimizer, set_lr
 from .syncbn import convert_sync_batchnorm, plain_batchnorm
 from .teachers import Teacher
@@ -268,9 +269,40 @@ class Trainer:
             self._load(self.ckpt_dir / "last.pt")
         elif self.is_main:
             self._prepare_run_dir()
+        self.trackers = self._trackers()
         # validation: eval.precision, or with auto the training's precision (lowlabel.config.eval_precision)
         self.eval_precision = resolve_precision(cfg.eval.precision if cfg.eval.precision != "auto" else self.precision.name, self.device,
                                                 channels_last=self.precision.channels_last, setting="eval.precision")
+
+    def _trackers(self) -> Trackers:
+        """TensorBoard / MLflow (``log``) on rank 0; a resumed run continues its MLflow run."""
+        if not self.is_main or not (self.cfg.log.tensorboard or self.cfg.log.mlflow):
+            return Trackers(self.cfg, self.run_dir, enabled=False)
+        meta_path = self.run_dir / "run.json"
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        tr = Trackers(self.cfg, self.run_dir, mlflow_run_id=meta.get("mlflow_run_id") if self.cfg.log.mlflow == meta.get("mlflow_uri") else None)
+        if tr.mlflow_run_id and tr.mlflow_run_id != meta.get("mlflow_run_id"):
+            atomic_write_json(meta_path, {**meta, "mlflow_uri": self.cfg.log.mlflow, "mlflow_run_id": tr.mlflow_run_id})
+        return tr
+
+    def _overlays(self) -> list[tuple[str, np.ndarray]]:
+        """The evaluated model's prediction blended over the first ``log.images`` validation images
+        (TensorBoard's images; nothing when TensorBoard is off)."""
+        if self.trackers.tb is None or self.val_set is None or self.task != "semantic" or not self.cfg.log.images:
+            return []
+        from ..data.dataset import as_rgb
+
+        pal = np.array([list(c) for c in self.info.palette] + [[0, 0, 0]] * 256, dtype=np.float32)[:256]
+        out = []
+        predictor = for_eval(self.eval_model(), self.cfg.eval)
+        for i in range(min(self.cfg.log.images, len(self.val_set))):
+            raw = self.val_set.load(i)
+            e = self.cfg.eval
+            pred = sliding_window(predictor, raw["image"], self.num_classes, tile=e.tile, overlap=e.overlap, weighting=e.weighting,
+                                  batch_size=e.batch_size, device=self.device, precision=self.eval_precision)
+            img = as_rgb(raw["image"])  # uint8 [H, W, C] as the dataset reads it
+            out.append((str(raw["id"]), (img * 0.5 + pal[pred.labels] * 0.5).clip(0, 255).astype(np.uint8)))
+        return out
 
     def _scaler(self) -> torch.amp.GradScaler:
         """fp16 needs loss scaling; bf16 and fp32 do not (the scaler is then a no-op)."""
@@ -512,6 +544,7 @@ class Trainer:
                     self.method.on_epoch_end(self.iteration // self.iters_per_epoch - 1, self._ctx())
                 if self.iteration % cfg.train.log_every == 0 or self.iteration == self.total:
                     self._log({"iteration": self.iteration, "time": self._seconds(), **{k: round(v, 6) for k, v in rec.items()}})
+                    self.trackers.train(self.iteration, rec)
                 shown = "AP" if self.task == "instance" else "mIoU"
                 info = f"loss {running['loss']:.3f} lr {rec['lr']:.2e}" + (f" val {shown} {100 * last_val:.1f}" if last_val is not None else "")
                 if self.select not in ("miou", "ap") and self.best["metrics"]:
@@ -523,6 +556,8 @@ class Trainer:
                         last_val = metrics.get("ap" if self.task == "instance" else "miou") or 0.0
                         score = metrics.get(self.select) or 0.0
                         self._log({"iteration": self.iteration, "val": metrics})
+                        if self.trackers.active:
+                            self.trackers.validation(self.iteration, metrics, self._overlays())
                         if score > self.best["value"]:
                             self.best = {"value": score, "iteration": self.iteration, "metrics": metrics}
                             self._save_best(metrics)
@@ -546,6 +581,7 @@ class Trainer:
         }
         if self.is_main:
             atomic_write_json(self.run_dir / "summary.json", summary)
+            self.trackers.close(finished=self.iteration >= self.total)
             from rich.table import Table
 
             t = Table(title=f"{cfg.name}: done")
