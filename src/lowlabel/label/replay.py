@@ -39,6 +39,16 @@ def _metric(scores: dict) -> tuple[str, float | None]:
     return "miou", None
 
 
+def _summary(path: Path) -> dict:
+    """The retrained run's validation choice and time (its summary.json), where it wrote one."""
+    import json
+
+    if not path.is_file():
+        return {}
+    rec = json.loads(path.read_text())
+    return {k: rec.get(k) for k in ("best_val_miou", "best_val_dice_mean", "best_iteration", "iterations", "seconds")}
+
+
 def _train(cfg_raw: dict, progress: bool):
     from ..api import fit
     from ..config import load_config
@@ -139,9 +149,13 @@ def simulate(run, budget: int | None = None, strategies: Sequence[str] | str = (
             model = _train(raw, progress)
             if not isinstance(model, Run):
                 model = Run.load(model)
-            key, value = _metric(model.evaluate(split=split))
+            scores = model.evaluate(split=split)
+            key, value = _metric(scores)
+            summary = Path(model.run_dir) / "summary.json"
             records.append({"arm": arm, "strategy": strategy, "seed": seed, "round": r, "picks": sug.picks, "labeled_images": len(labeled),
-                            "metric": key, "score": value, "run_dir": str(model.run_dir)})
+                            "metric": key, "score": value, "run_dir": str(model.run_dir),
+                            "test": {k: scores.get(k) for k in ("miou", "dice_mean", "per_class_dice", "per_class_iou", "ap") if k in scores},
+                            "summary": _summary(summary)})
     report = _report(records, strategies, base_metric, len(start_ids), split, budget, suggest_args, rounds)
     atomic_write_json(out / "simulate.json", report)
     atomic_write_text(out / "simulate.md", markdown(report))
