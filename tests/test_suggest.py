@@ -319,3 +319,26 @@ def test_simulate_replays_held_out_labels_against_random(tmp_path, capsys):
         assert start <= set(lab) and len(lab) == 4
         assert set((sim / "runs" / f"{arm}-r1" / "splits" / "labeled.txt").read_text().split()) == set(lab)  # it trained on them
     assert "gain" in (sim / "simulate.md").read_text() and "gain" in capsys.readouterr().out
+
+
+def test_active_acdc_benchmark_builds_its_configs_and_report():
+    import importlib.util
+
+    from .conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("active_acdc", REPO / "benchmarks" / "active_acdc.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for method in ("supervised", "unimatch"):
+        raw = mod.recipe(method)
+        raw.update(name="x", data={**raw["data"], "labeled": "ssl-labeled-1.txt"})
+        cfg = load_config(raw=raw)
+        assert cfg.method.name == method and cfg.train.iterations == 1500 and cfg.model.arch == "unet2d"
+    res = {"rows": [{"row": "start (1 case)", "cases": 1, "dice": 0.4, "per_class_dice": {"lv": 0.5}, "picks": []},
+                    {"row": "entropy (labeled-only)", "cases": 3, "dice": 0.55, "per_class_dice": {}, "picks": ["patient001", "patient002"],
+                     "pick_scores": {"patient001": 0.8, "patient002": 0.7}, "val_dice": 0.5, "gain_over_random_mean": 0.05}],
+           "verdicts": [{"training": "labeled-only", "random_mean": 0.5, "random_std": 0.01, "best_strategy": "entropy", "best_dice": 0.55,
+                         "meets_plus_3": True}]}
+    md = mod._markdown(res)
+    assert "patient001 (0.8)" in md and "+5.0" in md and "meets the +3 Dice bar" in md
+    assert mod.GROUP_BY == r"^(patient\d+)_" and "entropy" in mod.STRATEGIES and len(mod.RANDOM_SEEDS) >= 3

@@ -263,7 +263,7 @@ def _cmd_suggest(args) -> int:
                           and isinstance(v, float) and v == v)
         con.print(f"  {r['rank']:>3}. {r['id']}  score {r['score']:.4g}" + (f" ({extra})" if extra else "")
                   + (f", {r['images']} images" if "images" in r else ""), markup=False, highlight=False)
-    print(f"picks -> {res.files['picks']} (csv, overview, heat maps and state beside it)")
+    print(f"picks -> {res.files['picks']} ({'CSV and state' if args.no_heatmaps else 'CSV, overview, heat maps and state'} beside it)")
     return 0
 
 

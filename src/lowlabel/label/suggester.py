@@ -8,7 +8,10 @@ ranked by the strategy and the budget — a count, or annotation minutes under t
 - ``next.txt``: the units to label next, best first, one id a line (``next.images.txt`` with
   the image ids of the picked cases when grouping);
 - ``next.csv``: every pool unit: rank, id, picked, skipped, score and each term of the score
-  (``next.images.csv``: the same per image when grouping);
+  (``next.images.csv``: the same per image when grouping). ``score`` is what the strategy ranks
+  by: the uncertainty (``hybrid``: its first step's, and the rank is the k-center order among
+  the ``candidate`` units, with each one's ``distance``), the k-center distance at the time of
+  the pick (``coreset``), a uniform draw (``random``);
 - ``next.png``: an overview: per pick (a case: its highest-scoring image), the image, the
   predicted mask and the uncertainty map;
 - ``next.heatmaps/<image id>.png``: each picked image's uncertainty heat map beside its
@@ -611,7 +614,9 @@ def suggest(run, pool=None, budget: int | None = None, strategy: str = "entropy"
             for i in sorted(units[r["id"]]):
                 result.image_rows.append({"id": i, "case": r["id"], "case_rank": r["rank"], "picked": r["picked"], **img_terms.get(i, {})})
     picked_what = f"{len(picks)} {what}" + (f" ({len(result.images)} images)" if group_by else "")
-    result.message = (f"{picked_what} to label next by {strategy}" + (f", {result.info['spent_minutes']:g} of {seconds / 60:g} min of {kind} labels" if seconds else "")
+    how = {"bald": f" (mutual information over {'MC dropout' if scorer.source == 'dropout' else 'flipped views'})",
+           "hybrid": f" ({uncertainty}, then k-center)"}.get(strategy, "")
+    result.message = (f"{picked_what} to label next by {strategy}{how}" + (f", {result.info['spent_minutes']:g} of {seconds / 60:g} min of {kind} labels" if seconds else "")
                       + (f"; {len(skipped_set)} skipped at the end of the queue" if skipped_set else ""))
     if out is not None:
         result.files = _write(result, Path(out), run, info, images, units, scorer, spath, state, skipped, heatmaps, progress)
