@@ -342,3 +342,19 @@ def test_active_acdc_benchmark_builds_its_configs_and_report():
     md = mod._markdown(res)
     assert "patient001 (0.8)" in md and "+5.0" in md and "meets the +3 Dice bar" in md
     assert mod.GROUP_BY == r"^(patient\d+)_" and "entropy" in mod.STRATEGIES and len(mod.RANDOM_SEEDS) >= 3
+
+
+def test_instance_run_takes_coreset(tmp_path):
+    from lowlabel.models import build_model
+
+    from .test_instances import make_instance_dataset
+
+    root = make_instance_dataset(tmp_path / "inst", n=6)
+    from lowlabel.data.dataset import DatasetInfo, read_ids
+
+    info = DatasetInfo.load(root)
+    train = read_ids(root / "splits" / "train.txt")
+    run = Run(build_model("maskrcnn", "resnet18", info.num_classes), list(info.classes), list(info.palette), device="cpu")
+    res = suggest(run, train[1:], 2, "coreset", data=root, labeled=train[:1], out=tmp_path / "o" / "next.txt")
+    assert len(res.picks) == 2 and res.rows[0]["distance"] >= res.rows[1]["distance"] > 0
+    assert (tmp_path / "o" / "next.csv").is_file() and not (tmp_path / "o" / "next.png").exists()  # no probability maps to draw

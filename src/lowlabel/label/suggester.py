@@ -652,7 +652,7 @@ def _write(result: Suggestion, out: Path, run, info, images, units, scorer, spat
     if result.info.get("group_by"):
         files["images"] = atomic_write_text(Path(f"{base}.images.txt"), "".join(f"{i}\n" for i in result.images))
         files["images_csv"] = atomic_write_text(Path(f"{base}.images.csv"), _csv_text(result.image_rows))
-    if heatmaps and result.picks:
+    if heatmaps and result.picks and getattr(run, "task", "semantic") != "instance":  # the maps read class probabilities
         from .plots import write_explanations
 
         files.update(write_explanations(result, base, run, info, images, units, scorer, limit=HEATMAP_LIMIT, rows=OVERVIEW_ROWS, progress=progress))
