@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import os
 import statistics
@@ -239,7 +240,7 @@ def measure(steps: int = 20, slices: int = 40) -> dict:
     run = fit(load_config(raw=raw), progress=False)
     records = [json.loads(line) for line in (Path(run.run_dir) / "metrics.jsonl").read_text().splitlines()]
     times = [(r["iteration"], r["time"]) for r in records if "time" in r and "val" not in r]
-    step = statistics.median([(b[1] - a[1]) / (b[0] - a[0]) for a, b in zip(times[3:], times[4:]) if b[0] > a[0]])
+    step = statistics.median([(b[1] - a[1]) / (b[0] - a[0]) for a, b in itertools.pairwise(times[3:]) if b[0] > a[0]])
     fit_s = time.time() - t0
     pool = read_ids(REPO / SPLITS / "ssl-train.txt")
     lab = set(read_ids(REPO / SPLITS / "ssl-labeled-1.txt"))

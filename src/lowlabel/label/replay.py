@@ -22,8 +22,8 @@ the weak label folder of ``data.weak``): a simulation labels them by reading tho
 from __future__ import annotations
 
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from ..config import apply_overrides
 from ..data.dataset import FolderDataset, read_ids

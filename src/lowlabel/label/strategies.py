@@ -243,4 +243,4 @@ def hybrid_order(uncertainty, features: np.ndarray, names, centers: np.ndarray |
 def candidate_count(budget_units: int, factor: float, total: int) -> int:
     """How many of the most uncertain units the hybrid strategy keeps: ``factor`` times the
     units the budget buys (at least that many), at most all."""
-    return max(budget_units, min(total, int(math.ceil(factor * budget_units))))
+    return max(budget_units, min(total, math.ceil(factor * budget_units)))

@@ -40,24 +40,32 @@ import json
 import math
 import re
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.dataset import DatasetInfo, FolderDataset, index_images, read_ids, read_label
+from ..data.dataset import (
+    DatasetInfo,
+    FolderDataset,
+    index_images,
+    read_ids,
+    read_label,
+)
 from ..data.tiling import open_reader
 from ..data.weak import COST_SECONDS
 from ..errors import ConfigError, DatasetError
 from ..utils import atomic_write_json, atomic_write_text, progress_bar
+from . import (
+    STRATEGIES,  # the names live in the package, where the CLI reads them without importing torch
+)
 from . import strategies as S
 
-from . import STRATEGIES  # noqa: E402  (the names, defined where the CLI reads them without torch)
 UNCERTAINTIES = ("entropy", "margin", "balanced-entropy", "balanced-margin", "bald")  # per-pixel strategies (hybrid's first step)
 INSTANCE_STRATEGIES = ("random", "coreset")
 BALD_SOURCES = ("auto", "dropout", "flips")
