@@ -1,7 +1,11 @@
 """RegionMatch (pixel-region collaboration for semi-supervised segmentation of remote-sensing
-images; ``../shared/papers/regionmatch.md``), on FixMatch's weak-to-strong scheme (sec. 3.1).
-
-Pieces and equations:
+images; ``../shared/papers/regionmatch.md``) as an add-on over a weak-to-strong base
+(:mod:`lowlabel.methods.addon`): ``method.params.base: fixmatch`` (default: the paper's sec. 3.1,
+"built upon ... weak-to-strong consistency regularization [Sohn et al., 2020]") or ``unimatch``
+(the same terms over UniMatch, which the paper compares against). The base's views, pseudo-labels
+and pixel terms L_p (eqs. 1-3) are the ``fixmatch`` / ``unimatch`` code's, with its loss kinds
+(``labeled_loss``, ``unlabeled_loss``: ``ce_dice`` / ``dice`` on ACDC) and ``threshold``; RegionMatch
+reads the views' decoder features and adds:
 
 - regions: connected components of each class (4-connectivity) of the ground truth (labeled)
   or of the weak view's pseudo-label (unlabeled), sec. 3.3;
@@ -10,13 +14,23 @@ Pieces and equations:
   threshold tau_low = 0.85 / tau_high = 0.95 on the region's mean confidence (eqs. 5-8);
 - PRSPL: per-pixel region-view (f_r of the pixel's region) and pixel-view distributions, their
   entropies, per-image quantile thresholds with alpha_t = alpha_0 (1 - t / T), alpha_0 = 0.2,
-  mask = low entropy in both views and the same argmax (eqs. 9-17);
+  mask = low entropy in both views and the same argmax (eqs. 9-17). The mask replaces the base's
+  confidence mask in *every* unlabeled pixel term of the base (eq. 16: FixMatch's strong view;
+  on UniMatch both strong views and the feature-perturbed view);
 - CIR2R: MSE between the cosine-similarity matrices of all region features of the batch in the
   weak and in the strong view (eqs. 18-19);
 - PRCC: -log E_ij = ||R_i - F_j|| for the pixels j of each kept region i (eqs. 20-21; the
   default measures it between normalised features, see ``prcc_distance`` below);
-- L = L_p + L_r + 2 L_CIR + 1 L_PR (eq. 4, sec. 4.1); the unlabeled region terms are ramped
-  up by default (``region_rampup`` below).
+- L = L_p + L_r + 2 L_CIR + 1 L_PR (eq. 4, sec. 4.1) *in the base's scale*: both bases halve their
+  pixel terms (FixMatch's (L_x + L_s) / 2; UniMatch's weight_x = 0.5), so the region terms are
+  multiplied by the base's labeled weight (0.5) too, keeping eq. 4's ratios to L_p^l. (The code
+  before issue 38 weighted L_p 1 + 1, twice lowlabel's FixMatch.) The unlabeled region terms are
+  ramped up by default (``region_rampup`` below). With two strong views (UniMatch) L_r^u, CIR2R
+  and PRCC are the means over the views.
+- With every piece off (``prspl``, ``cir``, ``prcc``, ``region_labeled``, ``region_unlabeled``
+  false) RegionMatch is its base exactly (tests/test_methods_addons.py). Ablations: Table 4
+  (``prspl``, ``cir``, ``prcc``), Table 5 (``region_labeled``, ``region_unlabeled``), Table 6
+  (``dynamic_alpha``), Table 7 (``region_labels``).
 
 Decisions and deviations (stated):
 
@@ -28,6 +42,10 @@ Decisions and deviations (stated):
   PRCC. Targets (weak-view pseudo-labels, region targets, S^w) are detached.
 - The weak view gives the targets; the strong view receives every unlabeled loss (L_p^u,
   L_r^u, S^s in CIR2R, PRCC), as in FixMatch.
+- L_p^u (eq. 16) is the base's: the masked CE summed over the batch and divided by its valid
+  pixels (eq. 16 averages per image first; the same when the images have equal valid pixels), or
+  the base's Dice with ``unlabeled_loss: dice``.
+- Region pooling, similarities and PRCC run in float32 with autocast off (bf16 training).
 - PRSPL's alpha schedule (``alpha_schedule``). alpha_t is the share of pixels each view's
   entropy filter drops: T = Quantile(H, 1 - alpha_t) keeps the (1 - alpha_t) lowest-entropy
   pixels of an image. The paper's text contradicts itself, so both readings are selectable:
@@ -79,7 +97,7 @@ Other decisions:
   pixels at stride 4) are not regions; the ``max_regions`` largest regions of a batch are kept
   (default 512) so the N x N similarity matrices stay small. Pixels outside any region have no
   region view and are never selected by PRSPL.
-- With PRSPL off (ablation) the unlabeled pixel loss uses FixMatch's confidence threshold.
+- With PRSPL off (ablation) the unlabeled pixel terms use the base's confidence threshold.
 """
 
 from __future__ import annotations
