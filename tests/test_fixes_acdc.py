@@ -119,13 +119,13 @@ def test_unimatch_one_strong_view_forwards_three_batches():
     torch.manual_seed(0)
     student = build_model("tiny", num_classes=3, width=4)
     calls = []
-    student.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[0]))
+    student.encoder.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[0]))
     m = build_method("unimatch", {"threshold": 0.0, "strong_views": 1, "weight_s": 0.25}, num_classes=3)
     lab = {"image": torch.rand(2, 3, 32, 32), "mask": torch.randint(0, 3, (2, 32, 32))}
     unl = {"image": torch.rand(2, 3, 32, 32), "strong": torch.rand(2, 2, 3, 32, 32), "cutmix": torch.zeros(2, 2, 32, 32, dtype=torch.bool),
            "valid": torch.ones(2, 32, 32, dtype=torch.bool)}
     out = m.training_step(student, Teacher("self", student), lab, unl, StepContext(0, 10, 0, 1, 3))
-    assert calls == [2]  # one strong-view forward; labeled + weak go through encode/decode
+    assert calls == [4, 2]  # labeled + weak jointly, then one strong-view forward
     L = out.losses
     assert torch.allclose(L["loss"].detach(), 0.5 * L["loss_x"] + 0.25 * L["loss_s"] + 0.25 * L["loss_fp"], atol=1e-5)
 
