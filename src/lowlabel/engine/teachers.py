@@ -5,7 +5,10 @@
   (``is_student`` tells them).
 - ``ema``: an exponential moving average of the student after every step (Mean Teacher), with
   the usual warm-up ``decay_t = min(decay, 1 - 1 / (t + 1))`` so early teachers are not stuck
-  at the random initialisation.
+  at the random initialisation. A teacher that starts from trained weights (``model.pretrained``,
+  or a burn-in's student handed over with :meth:`Teacher.start_from`) has no warm-up: its first
+  update is ``decay`` x those weights + (1 - decay) x the student, so it is not replaced by the
+  student at step 1 (the warm-up's decay_0 is 0).
 - ``epoch_momentum``: DerProp eq. 6, Theta_m <- (Theta_m + Theta_b) / 2 once per epoch.
 
 EMA and momentum teachers are also the networks that are evaluated and saved as the run's
@@ -48,12 +51,12 @@ from torch.optim.swa_utils import update_bn
 class Teacher:
     KINDS = ("none", "self", "ema", "epoch_momentum")
 
-    def __init__(self, kind: str, student: nn.Module, decay: float = 0.999):
+    def __init__(self, kind: str, student: nn.Module, decay: float = 0.999, *, warmup: bool = True):
         if kind not in self.KINDS:
             raise ValueError(f"unknown teacher kind {kind!r}; choose from {self.KINDS}")
         if not 0 <= decay < 1:
             raise ValueError(f"teacher decay must lie in [0, 1), got {decay}")
-        self.kind, self.decay = kind, decay
+        self.kind, self.decay, self.warmup = kind, decay, warmup
         self.is_student = kind in ("none", "self")
         self.updates = 0
         self._student = student if kind == "epoch_momentum" else None  # copied in before the first average
@@ -99,7 +102,7 @@ class Teacher:
     def after_step(self, student: nn.Module) -> None:
         if self.kind != "ema":
             return
-        d = min(self.decay, 1.0 - 1.0 / (self.updates + 1))
+        d = min(self.decay, 1.0 - 1.0 / (self.updates + 1)) if self.warmup else self.decay
         for pt, ps in zip(self.model.parameters(), student.parameters()):
             pt.mul_(d).add_(ps.detach(), alpha=1.0 - d)
         for bt, bs in zip(self.model.buffers(), student.buffers()):
@@ -108,6 +111,13 @@ class Teacher:
             else:
                 bt.copy_(bs)
         self.updates += 1
+
+    @torch.no_grad()
+    def start_from(self, student: nn.Module) -> None:
+        """Make the teacher a copy of ``student`` (weights and buffers) and average on from there
+        at the full ``decay``, without warm-up: S4M's hand-over at the end of its burn-in."""
+        self.model.load_state_dict(student.state_dict())
+        self.warmup = False
 
     @torch.no_grad()
     def after_epoch(self, student: nn.Module, bn_batches: Iterable[torch.Tensor] | None = None) -> None:
@@ -150,10 +160,11 @@ class Teacher:
     def state_dict(self) -> dict | None:
         if self.is_student:
             return None
-        return {"model": self.model.state_dict(), "updates": self.updates}
+        return {"model": self.model.state_dict(), "updates": self.updates, "warmup": self.warmup}
 
     def load_state_dict(self, state: dict | None) -> None:
         if self.is_student or state is None:
             return
         self.model.load_state_dict(state["model"])
         self.updates = int(state["updates"])
+        self.warmup = bool(state.get("warmup", self.warmup))  # older checkpoints: as constructed

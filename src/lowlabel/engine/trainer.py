@@ -236,7 +236,7 @@ class Trainer:
             self.student = convert_sync_batchnorm(self.student, self.device)
         self.method = build_method(cfg.method.name, cfg.method.params, num_classes=self.num_classes, model=self.student, task=self.task).to(self.device)
         kind = cfg.teacher.kind
-        self.teacher = Teacher(kind, self.student, cfg.teacher.decay)
+        self.teacher = Teacher(kind, self.student, cfg.teacher.decay, warmup=not cfg.model.pretrained)  # trained weights: no EMA warm-up
         if cfg.train.sync_bn and not self.teacher.is_student:
             self.teacher.model = plain_batchnorm(self.teacher.model)
         if mcls.needs_run:

@@ -308,8 +308,7 @@ class S4M(InstanceMethod):
         if burn:
             return StepOutput({"loss": sum(terms.values()), **logs, "loss_u": loss_x.detach() * 0}, terms=terms)
         if p.burn_in and ctx.iteration == p.burn_in:  # end of burn-in: the teacher starts from the student
-            with torch.no_grad():
-                teacher.model.load_state_dict(student.state_dict())
+            teacher.start_from(student)  # and averages on at the full decay (no warm-up)
         ids, metrics = self.pseudo_instances(teacher.model, unlabeled["image"], np.random.default_rng([self.seed, ctx.iteration]))
         strong = unlabeled["strong"][:, 0]
         if p.arp:
