@@ -112,11 +112,33 @@ def _cmd_fit(args) -> int:
 
 def _cmd_predict(args) -> int:
     from .engine.run import Run
+    from .export import load_exported, looks_exported
 
-    run = Run.load(args.checkpoint, device=args.device, precision=args.precision)
+    if looks_exported(args.checkpoint):  # model.onnx / an exported TorchScript file, with its metadata JSON
+        from .errors import ConfigError
+
+        if args.precision not in (None, "auto", "fp32"):
+            raise ConfigError(f"--precision {args.precision}: an exported model runs in fp32 (export it again or predict from the run directory)")
+        run = load_exported(args.checkpoint, device=args.device)
+    else:
+        run = Run.load(args.checkpoint, device=args.device, precision=args.precision)
     written = run.predict_folder(args.images, args.out, overlays=not args.no_overlay, progress=True, confidence=args.confidence,
                                 vector=args.vector, min_area=args.min_area, simplify=args.simplify)
     print(f"{len(written)} prediction(s) -> {args.out}")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from .export import export_run, metadata_path, read_metadata
+
+    out = export_run(args.run, args.format, args.out, opset=args.opset)
+    meta = read_metadata(out)
+    inp = meta["input"]
+    print(f"{meta['arch']} ({len(meta['classes'])} classes) -> {out} ({args.format}{', opset ' + str(meta['opset']) if meta['opset'] else ''}), "
+          f"metadata -> {metadata_path(out)}\n"
+          f"input {inp['name']}: float32 [{'B' if inp['batch'] == 'dynamic' else inp['batch']}, {inp['channels']}, H, W] in [0, 1] "
+          f"(normalised inside); output {meta['output']['name']}: float32 [B, {len(meta['classes'])}, H, W]; "
+          f"verified against torch: max |logit difference| {meta['verified']['max_abs_logit_diff']:.2g}")
     return 0
 
 
@@ -346,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_cmd_evaluate)
 
     pr = sub.add_parser("predict", help="label masks and colour overlays for a folder of images of any size")
-    pr.add_argument("checkpoint", help="a checkpoint file or a run directory")
+    pr.add_argument("checkpoint", help="a checkpoint file, a run directory, or an exported model (.onnx / TorchScript, with its metadata JSON)")
     pr.add_argument("images", help="a folder of images, or one image")
     pr.add_argument("--out", required=True)
     pr.add_argument("--device", default="auto")
@@ -357,6 +379,13 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--min-area", type=float, default=0.0, help="--vector: drop polygons smaller than this (map units squared)")
     pr.add_argument("--simplify", type=float, default=0.0, help="--vector: simplify outlines with this tolerance (map units)")
     pr.set_defaults(func=_cmd_predict)
+
+    ex = sub.add_parser("export", help="export a run's evaluated model (best checkpoint) to ONNX or TorchScript, with a metadata JSON beside it")
+    ex.add_argument("run", help="a run directory or a checkpoint file")
+    ex.add_argument("--format", required=True, help="onnx or torchscript")
+    ex.add_argument("--out", required=True, help="the file to write (e.g. model.onnx); its metadata goes to <out>.json")
+    ex.add_argument("--opset", type=int, default=17, help="ONNX opset (default: %(default)s)")
+    ex.set_defaults(func=_cmd_export)
 
     b = sub.add_parser("bench", help="run a benchmark protocol (resumable) and write results, tables and plots")
     b.add_argument("protocol", help="protocol YAML (see benchmarks/protocols/)")

@@ -54,6 +54,11 @@ class DeviceError(LowlabelError, RuntimeError):
     """The requested device is not available on this machine."""
 
 
+class ExportError(PathError, ValueError):
+    """A model that cannot be exported (its architecture, the format), or an exported file that
+    cannot be run (its metadata missing, unreadable or not its own)."""
+
+
 def _last_line(message: str, name: str) -> str:
     """The error's own line out of a re-raised worker message ("Caught X in DataLoader worker
     process 0. Original Traceback ... lowlabel.errors.X: <path>: <problem>")."""

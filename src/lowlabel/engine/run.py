@@ -21,27 +21,16 @@ from ..errors import CheckpointError
 from .trainer import evaluate_model, read_checkpoint
 
 
-class Run:
-    """A model with its classes, palette and evaluation settings.
+class Predictor:
+    """Tiled prediction of a model with classes and a palette: ``predict`` (one image),
+    ``predict_folder`` (label PNGs, overlays, GeoTIFFs), ``predict_instances`` (instance models).
+    :class:`Run` is one; so is :class:`lowlabel.export.ExportedRun`, a file exported from a run.
 
-    Attributes: ``model`` (the evaluated network: the teacher for EMA/momentum teachers),
-    ``classes``, ``palette``, ``config`` (the training config when known), ``run_dir``,
-    ``precision`` (the resolved :class:`~lowlabel.precision.Precision` that evaluation and
-    prediction run in: ``precision`` if given, else the config's ``eval.precision``, whose
-    ``auto`` follows ``train.precision``; see :func:`lowlabel.config.eval_precision`).
+    A subclass sets ``model`` (a callable mapping float images [B, C, h, w] in [0, 1] to logits, or
+    an instance model), ``classes``, ``palette``, ``eval_cfg`` (an
+    :class:`~lowlabel.config.EvalConfig`), ``device``, ``precision`` (a
+    :class:`~lowlabel.precision.Precision`, or None for fp32), ``task`` and ``raster_options()``.
     """
-
-    def __init__(self, model, classes, palette, *, config: Config | None = None, run_dir: Path | None = None, device="cpu", data_root=None,
-                 precision: str | None = None):
-        self.model = model.to(device).eval()
-        self.classes, self.palette = list(classes), [tuple(c) for c in palette]
-        self.config, self.run_dir, self.device = config, run_dir, torch.device(device)
-        self.precision = resolve_precision(precision or eval_precision(config), self.device, model=self.model, setting="precision",
-                                           channels_last=config.train.channels_last if config else "auto")
-        self.precision.prepare(self.model)
-        self.data_root = data_root
-        self.eval_cfg = config.eval if config else EvalConfig()
-        self.task = getattr(model, "task", "semantic")
 
     @property
     def num_classes(self) -> int:
@@ -50,39 +39,6 @@ class Run:
     def raster_options(self) -> tuple:
         """(bands, value_range) the model was trained with (``data.bands``), for reading inputs alike."""
         return (self.config.data.bands, self.config.data.value_range) if self.config else (None, None)
-
-    @classmethod
-    def load(cls, path: str | Path, device: str = "auto", precision: str | None = None) -> "Run":
-        """From a run directory (its best checkpoint, else its last) or a checkpoint file;
-        ``precision`` (auto / fp32 / bf16 / fp16) overrides the run's evaluation precision."""
-        path = Path(path)
-        run_dir = None
-        if path.is_dir():
-            run_dir = path
-            for name in ("best.pt", "last.pt"):
-                if (path / "checkpoints" / name).is_file():
-                    path = path / "checkpoints" / name
-                    break
-            else:
-                raise FileNotFoundError(f"{path}: no checkpoints/best.pt or last.pt in this run directory")
-        state = read_checkpoint(path)
-        spec = state["model_spec"]
-        model = build_model(spec["arch"], spec["encoder"], spec["num_classes"], width=spec.get("width", 16), in_channels=spec.get("in_channels", 3),
-                            options=spec.get("options"))
-        if "weights" in state:
-            weights = state["weights"]
-        elif state.get("evaluated") == "teacher" and state.get("teacher"):
-            weights = state["teacher"]["model"]
-        else:
-            weights = state["student"]
-        try:
-            model.load_state_dict(weights)
-        except RuntimeError as err:
-            raise CheckpointError(path, f"weights do not fit {spec['arch']}/{spec['encoder']}: {str(err).splitlines()[0][:200]}") from None
-        cfg = Config.model_validate(state["config"]) if state.get("config") else None
-        meta = state["dataset"]
-        return cls(model, meta["classes"], meta["palette"], config=cfg, run_dir=run_dir or path.parent.parent, device=resolve_device(device), data_root=meta.get("root"),
-                   precision=precision)
 
     def predict(self, image: np.ndarray | torch.Tensor | WindowReader | str | Path, *, return_probs: bool = False, progress=None, sink=None) -> Prediction:
         """Predict one image of any size (tiled by the run's eval settings). ``image``: uint8
@@ -97,53 +53,6 @@ class Run:
             batch_size=e.batch_size, device=self.device, return_probs=return_probs, progress=progress, sink=sink, precision=self.precision,
         )
 
-    def retrieve(self, exemplar: np.ndarray | str | Path, exemplar_mask: np.ndarray | str | Path, queries, out: str | Path | None = None,
-                 *, overlays: bool = True) -> list[np.ndarray]:
-        """Zero-shot exemplar retrieval with an SSR-SAM run (``model.arch: ssr-sam``): segment, in
-        every query image (arrays or files; a folder is read whole), what the exemplar's masked
-        region (mask: non-zero pixels) shows, whatever its category. Returns one bool mask per
-        query; with ``out``, writes ``<id>.png`` (0 / 1, palette) and ``overlays/<id>.jpg``."""
-        from ..data.dataset import read_image, read_label
-        from ..models.ssr_sam import SSRSAM, Retriever
-
-        if not isinstance(self.model, SSRSAM):
-            raise ValueError(f"retrieve needs an SSR-SAM model (model.arch ssr-sam); this run's is {type(self.model).__name__}")
-        ex = read_image(exemplar) if isinstance(exemplar, (str, Path)) else exemplar
-        m = read_label(exemplar_mask) if isinstance(exemplar_mask, (str, Path)) else np.asarray(exemplar_mask)
-        if m.shape != ex.shape[:2]:
-            raise ValueError(f"exemplar mask {m.shape[1]}x{m.shape[0]} does not match its image {ex.shape[1]}x{ex.shape[0]}")
-        side = self.model.img_size
-        if max(ex.shape[:2]) > side:  # the exemplar enters the MSPG whole: shrink it to the encoder's side
-            f = side / max(ex.shape[:2])
-            size = (max(1, round(ex.shape[0] * f)), max(1, round(ex.shape[1] * f)))
-        else:
-            size = ex.shape[:2]
-        x = torch.from_numpy(np.array(ex)).permute(2, 0, 1)[None].float().div(255).to(self.device)
-        mask = torch.from_numpy((m > 0) & (m != 255)).to(self.device)
-        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-        mask = F.interpolate(mask[None, None].float(), size=size, mode="nearest")[0, 0] > 0
-        net = Retriever(self.model, x, mask).eval()
-        if isinstance(queries, (str, Path)):
-            q = Path(queries)
-            queries = sorted(p for p in q.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS) if q.is_dir() else [q]
-        results = []
-        out = Path(out) if out is not None else None
-        for i, query in enumerate(queries):
-            img = read_image(query) if isinstance(query, (str, Path)) else query
-            e = self.eval_cfg
-            labels = sliding_window(net, img, 2, tile=min(e.tile, side), overlap=e.overlap, weighting=e.weighting, batch_size=e.batch_size, device=self.device,
-                                    precision=self.precision).labels
-            results.append(labels == 1)
-            if out is not None:
-                name = Path(query).stem if isinstance(query, (str, Path)) else f"query_{i:04d}"
-                out.mkdir(parents=True, exist_ok=True)
-                write_label(out / f"{name}.png", labels.astype(np.uint8), [[0, 0, 0], [255, 64, 64]])
-                if overlays:
-                    (out / "overlays").mkdir(exist_ok=True)
-                    blend = np.where((labels == 1)[..., None], (img * 0.5 + np.array([255, 64, 64]) * 0.5), img).astype(np.uint8)
-                    Image.fromarray(blend).save(out / "overlays" / f"{name}.jpg", quality=92)
-        return results
-
     def predict_instances(self, image: np.ndarray | torch.Tensor | str | Path, score_threshold: float = 0.5):
         """An instance run's :class:`~lowlabel.eval.instances.Instances` of one image (uint8
         [H, W, 3] array, float [3, H, W] tensor or file path), tiled by the run's eval settings
@@ -157,32 +66,6 @@ class Run:
             image = reader.read(0, 0, reader.height, reader.width)
         e = self.eval_cfg
         return predict_instances(self.model, image, tile=e.tile, overlap=e.overlap, score_threshold=score_threshold, device=self.device, precision=self.precision)
-
-    def evaluate(self, data: str | Path | None = None, split: str = "test", progress: bool = False) -> dict:
-        """mIoU, per-class IoU, Dice (pooled and per volume) and pixel accuracy on a labeled split
-        of a folder dataset; for an instance run, mask AP / AP50 / AP75 and counting errors."""
-        root = data or self.data_root
-        if root is None:
-            raise ValueError("give the dataset folder (--data)")
-        bands, value_range = self.raster_options()
-        info = require_valid(root, splits=[split], read_pixels=True, bands=bands, value_range=value_range)
-        if info.num_classes != self.num_classes:
-            raise DatasetError(root, f"dataset has {info.num_classes} classes, the model {self.num_classes}")
-        ds = FolderDataset(root, split, labeled=True, info=info, bands=bands, value_range=value_range)
-        if self.task == "instance":
-            from ..eval.instances import evaluate_instances
-
-            if info.task != "instance":
-                raise DatasetError(root, f"an instance model is scored on an instance dataset; this one's task is {info.task!r}")
-            out = evaluate_instances(self.model, ds, eval_cfg=self.eval_cfg.model_copy(update={"max_images": None}), device=self.device, progress=progress,
-                                     precision=self.precision)
-            out.update({"split": split, "dataset": info.name, "task": "instance"})
-            return out
-        scores = evaluate_model(self.model, ds, num_classes=self.num_classes, eval_cfg=self.eval_cfg.model_copy(update={"max_images": None}), device=self.device, progress=progress,
-                                precision=self.precision)
-        out = scores.summary(info.classes)
-        out.update({"images": len(ds), "split": split, "dataset": info.name})
-        return out
 
     def overlay(self, image: np.ndarray, labels: np.ndarray, alpha: float = 0.5) -> np.ndarray:
         pal = np.array(self.palette + [(0, 0, 0)] * (256 - len(self.palette)), dtype=np.float32)
@@ -288,3 +171,137 @@ class Run:
         atomic_write_json(out / "instances.json", {"images": entries, "categories": categories, "annotations": results})
         written.append(out / "instances.json")
         return written
+
+
+class Run(Predictor):
+    """A model with its classes, palette and evaluation settings.
+
+    Attributes: ``model`` (the evaluated network: the teacher for EMA/momentum teachers),
+    ``classes``, ``palette``, ``config`` (the training config when known), ``run_dir``,
+    ``precision`` (the resolved :class:`~lowlabel.precision.Precision` that evaluation and
+    prediction run in: ``precision`` if given, else the config's ``eval.precision``, whose
+    ``auto`` follows ``train.precision``; see :func:`lowlabel.config.eval_precision`),
+    ``checkpoint`` (the file :meth:`load` read; None for a run built in memory).
+    """
+
+    checkpoint: Path | None = None
+
+    def __init__(self, model, classes, palette, *, config: Config | None = None, run_dir: Path | None = None, device="cpu", data_root=None,
+                 precision: str | None = None):
+        self.model = model.to(device).eval()
+        self.classes, self.palette = list(classes), [tuple(c) for c in palette]
+        self.config, self.run_dir, self.device = config, run_dir, torch.device(device)
+        self.precision = resolve_precision(precision or eval_precision(config), self.device, model=self.model, setting="precision",
+                                           channels_last=config.train.channels_last if config else "auto")
+        self.precision.prepare(self.model)
+        self.data_root = data_root
+        self.eval_cfg = config.eval if config else EvalConfig()
+        self.task = getattr(model, "task", "semantic")
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "auto", precision: str | None = None) -> "Run":
+        """From a run directory (its best checkpoint, else its last) or a checkpoint file;
+        ``precision`` (auto / fp32 / bf16 / fp16) overrides the run's evaluation precision."""
+        path = Path(path)
+        run_dir = None
+        if path.is_dir():
+            run_dir = path
+            for name in ("best.pt", "last.pt"):
+                if (path / "checkpoints" / name).is_file():
+                    path = path / "checkpoints" / name
+                    break
+            else:
+                raise FileNotFoundError(f"{path}: no checkpoints/best.pt or last.pt in this run directory")
+        state = read_checkpoint(path)
+        spec = state["model_spec"]
+        model = build_model(spec["arch"], spec["encoder"], spec["num_classes"], width=spec.get("width", 16), in_channels=spec.get("in_channels", 3),
+                            options=spec.get("options"))
+        if "weights" in state:
+            weights = state["weights"]
+        elif state.get("evaluated") == "teacher" and state.get("teacher"):
+            weights = state["teacher"]["model"]
+        else:
+            weights = state["student"]
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError as err:
+            raise CheckpointError(path, f"weights do not fit {spec['arch']}/{spec['encoder']}: {str(err).splitlines()[0][:200]}") from None
+        cfg = Config.model_validate(state["config"]) if state.get("config") else None
+        meta = state["dataset"]
+        run = cls(model, meta["classes"], meta["palette"], config=cfg, run_dir=run_dir or path.parent.parent, device=resolve_device(device), data_root=meta.get("root"),
+                  precision=precision)
+        run.checkpoint = path
+        return run
+
+    def retrieve(self, exemplar: np.ndarray | str | Path, exemplar_mask: np.ndarray | str | Path, queries, out: str | Path | None = None,
+                 *, overlays: bool = True) -> list[np.ndarray]:
+        """Zero-shot exemplar retrieval with an SSR-SAM run (``model.arch: ssr-sam``): segment, in
+        every query image (arrays or files; a folder is read whole), what the exemplar's masked
+        region (mask: non-zero pixels) shows, whatever its category. Returns one bool mask per
+        query; with ``out``, writes ``<id>.png`` (0 / 1, palette) and ``overlays/<id>.jpg``."""
+        from ..data.dataset import read_image, read_label
+        from ..models.ssr_sam import SSRSAM, Retriever
+
+        if not isinstance(self.model, SSRSAM):
+            raise ValueError(f"retrieve needs an SSR-SAM model (model.arch ssr-sam); this run's is {type(self.model).__name__}")
+        ex = read_image(exemplar) if isinstance(exemplar, (str, Path)) else exemplar
+        m = read_label(exemplar_mask) if isinstance(exemplar_mask, (str, Path)) else np.asarray(exemplar_mask)
+        if m.shape != ex.shape[:2]:
+            raise ValueError(f"exemplar mask {m.shape[1]}x{m.shape[0]} does not match its image {ex.shape[1]}x{ex.shape[0]}")
+        side = self.model.img_size
+        if max(ex.shape[:2]) > side:  # the exemplar enters the MSPG whole: shrink it to the encoder's side
+            f = side / max(ex.shape[:2])
+            size = (max(1, round(ex.shape[0] * f)), max(1, round(ex.shape[1] * f)))
+        else:
+            size = ex.shape[:2]
+        x = torch.from_numpy(np.array(ex)).permute(2, 0, 1)[None].float().div(255).to(self.device)
+        mask = torch.from_numpy((m > 0) & (m != 255)).to(self.device)
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        mask = F.interpolate(mask[None, None].float(), size=size, mode="nearest")[0, 0] > 0
+        net = Retriever(self.model, x, mask).eval()
+        if isinstance(queries, (str, Path)):
+            q = Path(queries)
+            queries = sorted(p for p in q.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS) if q.is_dir() else [q]
+        results = []
+        out = Path(out) if out is not None else None
+        for i, query in enumerate(queries):
+            img = read_image(query) if isinstance(query, (str, Path)) else query
+            e = self.eval_cfg
+            labels = sliding_window(net, img, 2, tile=min(e.tile, side), overlap=e.overlap, weighting=e.weighting, batch_size=e.batch_size, device=self.device,
+                                    precision=self.precision).labels
+            results.append(labels == 1)
+            if out is not None:
+                name = Path(query).stem if isinstance(query, (str, Path)) else f"query_{i:04d}"
+                out.mkdir(parents=True, exist_ok=True)
+                write_label(out / f"{name}.png", labels.astype(np.uint8), [[0, 0, 0], [255, 64, 64]])
+                if overlays:
+                    (out / "overlays").mkdir(exist_ok=True)
+                    blend = np.where((labels == 1)[..., None], (img * 0.5 + np.array([255, 64, 64]) * 0.5), img).astype(np.uint8)
+                    Image.fromarray(blend).save(out / "overlays" / f"{name}.jpg", quality=92)
+        return results
+
+    def evaluate(self, data: str | Path | None = None, split: str = "test", progress: bool = False) -> dict:
+        """mIoU, per-class IoU, Dice (pooled and per volume) and pixel accuracy on a labeled split
+        of a folder dataset; for an instance run, mask AP / AP50 / AP75 and counting errors."""
+        root = data or self.data_root
+        if root is None:
+            raise ValueError("give the dataset folder (--data)")
+        bands, value_range = self.raster_options()
+        info = require_valid(root, splits=[split], read_pixels=True, bands=bands, value_range=value_range)
+        if info.num_classes != self.num_classes:
+            raise DatasetError(root, f"dataset has {info.num_classes} classes, the model {self.num_classes}")
+        ds = FolderDataset(root, split, labeled=True, info=info, bands=bands, value_range=value_range)
+        if self.task == "instance":
+            from ..eval.instances import evaluate_instances
+
+            if info.task != "instance":
+                raise DatasetError(root, f"an instance model is scored on an instance dataset; this one's task is {info.task!r}")
+            out = evaluate_instances(self.model, ds, eval_cfg=self.eval_cfg.model_copy(update={"max_images": None}), device=self.device, progress=progress,
+                                     precision=self.precision)
+            out.update({"split": split, "dataset": info.name, "task": "instance"})
+            return out
+        scores = evaluate_model(self.model, ds, num_classes=self.num_classes, eval_cfg=self.eval_cfg.model_copy(update={"max_images": None}), device=self.device, progress=progress,
+                                precision=self.precision)
+        out = scores.summary(info.classes)
+        out.update({"images": len(ds), "split": split, "dataset": info.name})
+        return out
