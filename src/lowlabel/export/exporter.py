@@ -4,8 +4,8 @@ The file computes ``images -> logits``: images float32 [B, C, H, W] in [0, 1] (r
 by 255, RGB order; C = 3 for RGB and grey networks, a grey one averages the channels inside the
 graph; a multi-band network takes its ``in_channels`` bands), logits float32 [B, K, H, W] (K =
 the number of classes; softmax / argmax over dim 1). The input normalisation (mean and std) is
-inside the graph. Batch, height and width are dynamic; see :data:`SEMANTIC_ARCHS` for what each
-architecture allows. Beside the file, ``<file>.json`` holds what prediction needs without the run
+inside the graph. Batch, height and width are dynamic (SSR-SAM: one image a call, sides up to its
+encoder's; instance models are refused, :data:`NOT_EXPORTABLE`; docs/export.md). Beside the file, ``<file>.json`` holds what prediction needs without the run
 directory (:func:`metadata_path`): classes, palette, the run's tiling settings, the input
 convention, opset, lowlabel and torch versions, the source checkpoint's SHA-256 and the exported
 file's own.
@@ -44,10 +44,10 @@ INPUT_NAME, OUTPUT_NAME = "images", "logits"
 # arch -> why it cannot be exported (the error message's reason and docs/export.md's table)
 NOT_EXPORTABLE = {
     "maskrcnn": (
-        "maskrcnn (instance) models cannot be exported: torchvision's Mask R-CNN traces into ONNX only at one fixed "
-        "image size (its anchors, image sizes and box clipping become constants), while lowlabel's instance prediction "
-        "runs tiles whose size varies at image edges and merges detections across tile borders in Python; "
-        "predict instance runs from the run directory (lowlabel predict RUN IMAGES)"
+        "maskrcnn (instance) models cannot be exported by lowlabel: an exported file computes class logits "
+        "[B, K, H, W] that prediction tiles and stitches, while Mask R-CNN returns a variable number of detections "
+        "(masks, labels, scores, boxes) that lowlabel tiles and merges across tile borders in Python, a path "
+        "exported files do not have; predict instance runs from the run directory (lowlabel predict RUN IMAGES)"
     ),
 }
 
