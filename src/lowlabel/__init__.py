@@ -4,6 +4,7 @@
     run = lowlabel.fit(lowlabel.load_config("configs/camvid-unimatch-cpu.yaml"))
     run.evaluate(split="test")
     run.predict(image)            # uint8 [H, W, 3] -> label map, any size (tiled)
+    lowlabel.suggest(run, budget=10, strategy="hybrid", out="next.txt")   # what to label next
 
 Nothing here touches devices, files or the environment at import time.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "fit", "load_config", "load_run"]
+__all__ = ["__version__", "fit", "load_config", "load_run", "suggest"]
 
 
 def __getattr__(name):
@@ -28,4 +29,8 @@ def __getattr__(name):
         from .engine.run import Run
 
         return Run.load
+    if name == "suggest":
+        from .label import suggest
+
+        return suggest
     raise AttributeError(f"module 'lowlabel' has no attribute {name!r}")
