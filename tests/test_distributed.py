@@ -108,3 +108,18 @@ def test_two_nodes_of_one_process_on_localhost(tmp_path):
     assert all(p.returncode == 0 for p in procs), "\n".join(o[-2000:] for o in outs)
     meta = json.loads((tmp_path / "r" / raw["name"] / "run.json").read_text())
     assert meta["world_size"] == 2 and weights(tmp_path / "r" / raw["name"])["iteration"] == 2
+
+
+def test_predict_under_torchrun_shards_files_and_writes_what_one_process_writes(tmp_path):
+    data = make_dataset(tmp_path / "d", n=7)
+    raw = tiny_config(data, tmp_path / "r", "supervised", "none", iterations=2)
+    run = fit(load_config(raw=raw), progress=False)
+    one, two = tmp_path / "one", tmp_path / "two"
+    run.predict_folder(data / "images", one)
+    res = torchrun(["predict", str(run.run_dir), str(data / "images"), "--out", str(two)])
+    assert res.stdout.count("prediction(s)") == 2  # each process wrote its share
+    files_one = sorted(p.relative_to(one) for p in one.rglob("*") if p.is_file())
+    files_two = sorted(p.relative_to(two) for p in two.rglob("*") if p.is_file())
+    assert files_one == files_two and len(files_one) == 14  # 7 label maps + 7 overlays, none twice
+    for f in files_one:
+        assert (one / f).read_bytes() == (two / f).read_bytes(), f

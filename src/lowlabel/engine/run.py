@@ -21,6 +21,14 @@ from ..errors import CheckpointError
 from .trainer import evaluate_model, read_checkpoint
 
 
+def process_shard() -> tuple[int, int]:
+    """(rank, world size) of this process under ``torchrun`` (its ``RANK`` and ``WORLD_SIZE``
+    variables), (0, 1) otherwise: prediction needs no process group to split files."""
+    import os
+
+    return int(os.environ.get("RANK", 0)), max(1, int(os.environ.get("WORLD_SIZE", 1)))
+
+
 class Predictor:
     """Tiled prediction of a model with classes and a palette: ``predict`` (one image),
     ``predict_folder`` (label PNGs, overlays, GeoTIFFs), ``predict_instances`` (instance models).
@@ -82,14 +90,20 @@ class Predictor:
         rows are written as they are finished, so memory stays flat, and no overlay is made (a
         GIS shows the colour map over the image). ``vector`` (``"gpkg"`` or ``"geojson"``) adds
         ``<id>.<vector>``: the label map's polygons per class (:func:`lowlabel.data.raster.polygonize`,
-        ``min_area`` and ``simplify`` in map units)."""
+        ``min_area`` and ``simplify`` in map units).
+
+        Under ``torchrun`` (``RANK`` / ``WORLD_SIZE`` set) each process predicts every
+        ``WORLD_SIZE``-th file from its ``RANK`` on and returns what it wrote: no file is written
+        twice, and each is the one a single process writes. An instance run's folder (one
+        ``instances.json`` for all images) is predicted by rank 0 alone."""
         from PIL import Image
 
         from ..data.raster import RASTER_EXTENSIONS, GeoTiffSink, RasterReader, have_rasterio, polygonize
 
         images, out = Path(images), Path(out)
+        rank, world = process_shard()
         if self.task == "instance":
-            return self._predict_instance_folder(images, out, overlays=overlays, progress=progress)
+            return self._predict_instance_folder(images, out, overlays=overlays, progress=progress) if rank == 0 else []
         if vector and not have_rasterio():
             raise ImportError("vector output needs the geo extra: pip install 'lowlabel[geo]'")
         exts = tuple(dict.fromkeys(IMAGE_EXTENSIONS + RASTER_EXTENSIONS))
@@ -105,7 +119,8 @@ class Predictor:
             else:
                 check_image_file(f)
         written = []
-        with progress_bar("predicting", len(files), enabled=progress) as adv:
+        files = files[rank::world]
+        with progress_bar("predicting", len(files), enabled=progress and rank == 0) as adv:
             for f in files:
                 reader = open_reader(f, *self.raster_options())
                 if getattr(reader, "georeferenced", False) or getattr(reader, "tiled", False):
