@@ -40,22 +40,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lowlabel.precision import cpu_name
+
 REPO = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file())
 
 NETWORKS = {
     "unet2d": {"arch": "unet2d", "encoder": "resnet18", "classes": 4, "in_channels": 1, "side": 128, "batch": 16},
     "deeplabv3plus-r18": {"arch": "deeplabv3plus", "encoder": "resnet18", "classes": 5, "in_channels": 3, "side": 256, "batch": 8},
 }
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def batch_of(side: int, n: int, channels: int) -> torch.Tensor:
@@ -104,7 +96,7 @@ def main(argv=None) -> int:
     load_start = os.getloadavg()
     res = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{cpu_model()} ({os.cpu_count()} logical CPUs), {platform.machine()}",
+        "machine": f"{cpu_name()} ({os.cpu_count()} logical CPUs), {platform.machine()}",
         "command": "python benchmarks/probes/export_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "versions": {"lowlabel": __version__, "torch": torch.__version__, "onnxruntime": ort.__version__},
         "timed": f"median of {args.reps} calls per variant after one warm-up each, variants interleaved round-robin (order rotated every round)",
