@@ -21,7 +21,7 @@ What stays in fp32 (autocast's own rules, plus lowlabel's):
 - :class:`~lowlabel.models.segmenter.Segmenter` returns float32 logits, so losses, softmax
   confidences compared against thresholds and stitched prediction scores are float32;
 - similarity / affinity matrices of DerProp and RegionMatch are computed on float32 features with
-  autocast off (:func:`fp32`).
+  autocast off (``lowlabel.methods.addon.autocast_off``).
 
 channels_last: a model class says whether it pays (``channels_last_pays``: the convolutional
 segmenters do; the ViT of SSR-SAM and torchvision's Mask R-CNN do not claim it). ``auto`` follows
@@ -181,12 +181,6 @@ def legacy_precision(device_type: str, amp) -> str:
     """The precision a checkpoint of lowlabel before ``train.precision`` trained in: fp16 autocast
     on CUDA with ``train.amp`` on or ``auto``, fp32 everywhere else."""
     return "fp16" if device_type == "cuda" and amp in (True, "auto") else "fp32"
-
-
-def fp32(device_type: str):
-    """A region where autocast is off (compute on ``.float()`` inputs inside it): similarity
-    matrices and other numerics that must stay float32 under a mixed-precision step."""
-    return torch.autocast(device_type, enabled=False)
 
 
 def autocast_tag(device_type: str) -> bytes:
