@@ -50,18 +50,11 @@ def random_run(arch: str, seed: int = 0, **kw) -> Run:
 
 @pytest.fixture(scope="module")
 def sample_run(tmp_path_factory):
-    """A tiny network trained 2 iterations on the bundled sample (a real run directory)."""
+    """The quickstart's run (UniMatch, tiny network, the bundled sample), 2 iterations."""
     from lowlabel.api import fit
-    from lowlabel.config import load_config
+    from lowlabel.quickstart import quickstart_config
 
-    out = tmp_path_factory.mktemp("export-run")
-    cfg = load_config(raw={
-        "name": "sample", "out_dir": str(out),
-        "data": {"root": str(SAMPLE), "labeled": "2", "crop": 64, "labeled_batch": 2, "unlabeled_batch": 2},
-        "model": {"arch": "tiny", "width": 8}, "method": {"name": "supervised"},
-        "train": {"iterations": 2, "val_every": 2, "checkpoint_every": 2, "log_every": 1}, "eval": {"tile": 256, "overlap": 0.25},
-    })
-    return fit(cfg, progress=False).run_dir
+    return fit(quickstart_config(tmp_path_factory.mktemp("export-run"), iterations=2), progress=False).run_dir
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +101,7 @@ def test_onnx_graph_declares_dynamic_batch_height_width(tmp_path):
     assert read_metadata(out)["opset"] == 17
 
 
+@pytest.mark.filterwarnings("ignore:.*torch.jit.load.*:FutureWarning")  # a user loads it with plain torch
 def test_torchscript_logits_agree_with_torch_at_two_sizes(tmp_path):
     run = random_run("tiny", width=8)
     out = export_run(run, "torchscript", tmp_path / "m.pt")
@@ -138,10 +132,10 @@ def test_cli_export_then_predict_gives_the_runs_label_maps(sample_run, test_imag
     best = sample_run / "checkpoints" / "best.pt"
     assert meta["source"]["sha256"] == hashlib.sha256(best.read_bytes()).hexdigest()
     assert meta["classes"] == CLASSES and [tuple(c) for c in meta["palette"]] == PALETTE
-    assert meta["eval"]["tile"] == 256 and meta["input"]["range"] == [0.0, 1.0] and meta["lowlabel_version"]
+    assert meta["eval"]["tile"] == 384 and meta["input"]["range"] == [0.0, 1.0] and meta["lowlabel_version"]
     assert main(["predict", str(f), str(test_images), "--out", str(tmp_path / "onnx")]) == 0
     assert main(["predict", str(sample_run), str(test_images), "--out", str(tmp_path / "run"), "--device", "cpu", "--precision", "fp32"]) == 0
-    for i in TEST_IDS:  # the images exceed the tile (682 x 658 > 256): tiled and stitched
+    for i in TEST_IDS:  # the images exceed the tile (682 x 658 > 384): tiled and stitched
         a, b = Image.open(tmp_path / "onnx" / f"{i}.png"), Image.open(tmp_path / "run" / f"{i}.png")
         assert a.mode == b.mode == "P" and a.getpalette()[:15] == b.getpalette()[:15]
         assert np.array_equal(np.array(a), np.array(b))

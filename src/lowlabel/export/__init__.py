@@ -11,7 +11,8 @@ docs/export.md for the input convention, the dynamic axes and what cannot be exp
 
 from __future__ import annotations
 
-from .exporter import FORMATS, NOT_EXPORTABLE, export_run, metadata_path
+from .common import FORMATS, metadata_path
+from .exporter import NOT_EXPORTABLE, export_run
 from .runtime import ExportedModel, ExportedRun, load_exported, looks_exported, read_metadata
 
 __all__ = ["FORMATS", "NOT_EXPORTABLE", "ExportedModel", "ExportedRun", "export_run", "load_exported", "looks_exported", "metadata_path", "read_metadata"]

@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime as _dt
-import hashlib
 import os
 import warnings
 from pathlib import Path
@@ -35,9 +34,8 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError, ExportError
+from .common import EXPORT_FORMAT, FORMATS, metadata_path, run_file, sha256_file
 
-FORMATS = ("onnx", "torchscript")
-EXPORT_FORMAT = "lowlabel-export-1"
 DEFAULT_OPSET = 17  # onnxruntime >= 1.14 runs it; Resize, Pad (reflect) and LayerNormalization as one op
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 
@@ -50,19 +48,6 @@ NOT_EXPORTABLE = {
         "exported files do not have; predict instance runs from the run directory (lowlabel predict RUN IMAGES)"
     ),
 }
-
-
-def metadata_path(path: str | os.PathLike) -> Path:
-    """The metadata JSON of an exported file: ``<file>.json`` beside it (``model.onnx.json``)."""
-    return Path(str(path) + ".json")
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def input_channels(net) -> int:
@@ -198,8 +183,6 @@ def _write(graph, fmt: str, path: Path, example_shape, dynamic, opset: int) -> N
 def _verify(graph, fmt: str, path: Path, shape, tolerance: float, source) -> float:
     """Max |logit difference| between the written file and ``graph`` on a random input of
     ``shape``; an ExportError when it exceeds ``tolerance``."""
-    from .runtime import run_file
-
     x = torch.rand(*shape, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = graph(x)

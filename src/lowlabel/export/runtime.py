@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 import zipfile
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from ..config import EvalConfig
 from ..engine.run import Predictor
 from ..errors import ExportError
 from ..utils import resolve_device
-from .exporter import EXPORT_FORMAT, FORMATS, metadata_path, sha256_file
+from .common import EXPORT_FORMAT, FORMATS, jit_load, metadata_path, onnx_session, sha256_file
 
 
 def looks_exported(path: str | os.PathLike) -> bool:
@@ -75,40 +74,6 @@ def read_metadata(path: str | os.PathLike, *, check_sha: bool = True) -> dict:
     return meta
 
 
-def _onnx_session(path: Path, threads: int | None, device: str):
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise ImportError("running an .onnx model needs onnxruntime: pip install 'lowlabel[export]'") from None
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = int(threads)
-        opts.inter_op_num_threads = 1
-    providers = ["CPUExecutionProvider"]
-    if str(device) != "cpu" and "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, "CUDAExecutionProvider")
-    try:
-        return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
-    except Exception as err:  # onnxruntime raises its own exception types (InvalidProtobuf, Fail, ...)
-        raise ExportError(path, f"onnxruntime cannot load it ({str(err).strip().splitlines()[0][:160]})") from None
-
-
-def run_file(path: str | os.PathLike, fmt: str, images: torch.Tensor) -> torch.Tensor:
-    """The raw graph of an exported file on one batch (no metadata needed; the exporter's check)."""
-    if fmt == "onnx":
-        sess = _onnx_session(Path(path), None, "cpu")
-        return torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: images.float().contiguous().numpy()})[0])
-    with torch.no_grad():
-        return _jit_load(path, "cpu")(images.float())
-
-
-def _jit_load(path: str | os.PathLike, device) -> torch.jit.ScriptModule:
-    """``torch.jit.load`` without its deprecation notice (TorchScript is the format asked for)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning, message=".*torch.jit.load.*")
-        return torch.jit.load(str(path), map_location=device).eval()
-
-
 class ExportedModel:
     """An exported file as a model: ``model(images)`` with images float [B, C, h, w] in [0, 1]
     returns float32 logits [B, K, h, w] (see the module docstring).
@@ -127,7 +92,7 @@ class ExportedModel:
         self.min_size, self.max_size = int(inp.get("min_size") or 1), inp.get("max_size")
         self.size_divisor = int(inp.get("size_divisor") or 1)
         if self.format == "onnx":
-            self.session = _onnx_session(self.path, threads, device)
+            self.session = onnx_session(self.path, threads, device)
             self.input_name = self.session.get_inputs()[0].name
             self.device = torch.device("cpu")
         else:
@@ -135,7 +100,7 @@ class ExportedModel:
                 torch.set_num_threads(int(threads))
             self.device = torch.device(device)
             try:
-                self.module = _jit_load(self.path, self.device)
+                self.module = jit_load(self.path, self.device)
             except RuntimeError as err:
                 raise ExportError(self.path, f"not a TorchScript file torch.jit.load reads ({str(err).strip().splitlines()[0][:160]})") from None
 
