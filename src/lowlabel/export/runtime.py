@@ -141,8 +141,9 @@ class ExportedRun(Predictor):
     def __init__(self, path: str | os.PathLike, *, device: str = "auto", threads: int | None = None):
         self.path = Path(path)
         self.metadata = meta = read_metadata(self.path)
-        dev = resolve_device(device) if meta["model_format"] == "torchscript" else torch.device("cpu")
-        self.model = ExportedModel(self.path, meta, threads=threads, device=str(dev))
+        # ONNX: onnxruntime's CUDA provider where the device is CUDA and onnxruntime-gpu offers it; the
+        # outputs (and the stitching) are on the CPU either way
+        self.model = ExportedModel(self.path, meta, threads=threads, device=str(resolve_device(device)))
         self.device = self.model.device
         self.classes, self.palette = list(meta["classes"]), [tuple(c) for c in meta["palette"]]
         self.eval_cfg = EvalConfig(**{k: v for k, v in meta["eval"].items() if k in EvalConfig.model_fields})
