@@ -209,7 +209,7 @@ class S4M(InstanceMethod):
     the pseudo-mask when it keeps at least ``min_size`` pixels. Of SAM's three multimask
     outputs the one with the highest predicted IoU is taken (the paper does not say). PR is only
     as good as the backend: the weight-free ``classical`` one turns near-perfect nucleus
-    pseudo-masks (IoU 0.96) into IoU 0.49 ones (``benchmarks/s4m_pr_probe.py``).
+    pseudo-masks (IoU 0.96) into IoU 0.49 ones (``benchmarks/probes/s4m_pr_probe.py``).
 
     ARP (sec. 4.3, eq. 4): the (refined) pseudo-instances of paired images are pasted into each
     other, labels alike. Deviation: the photometric strong augmentation is applied by the loader
