@@ -355,18 +355,19 @@ class WeakToStrong(Method):
     default_teacher = "self"
 
     @property
+    @abc.abstractmethod
     def labeled_weight(self) -> float:
         """The weight of the labeled pixel loss in this base's total (0.5 in both bases: their
         code halves (L_x + L_u)); an add-on scales a paper's weights, given relative to a
         labeled loss of weight 1, by it."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def views(self, student, teacher, labeled: dict, unlabeled: dict) -> BaseStep:
-        raise NotImplementedError
+        """Every forward pass of the base's step, once (:class:`BaseStep`)."""
 
+    @abc.abstractmethod
     def base_terms(self, step: BaseStep, targets: Targets) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """(weighted terms whose sum is the base's loss, the unweighted losses to log)."""
-        raise NotImplementedError
 
     def _weak_pass(self, student, teacher, x: torch.Tensor, u_w: torch.Tensor) -> tuple[NetOutput, NetOutput]:
         """The labeled batch (with gradients) and the weak view (detached). When the teacher is
