@@ -26,6 +26,7 @@ Rank 0 writes the run directory and checkpoints; every rank reads them on resume
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -432,13 +433,12 @@ class Trainer:
                 con.print(f"[yellow]note[/]: {path} trained in {name}; resuming in {self.precision.name} as train.precision asks")
             return
         try:
-            self.precision = resolve_precision(name, self.device, channels_last=self.cfg.train.channels_last, model=self.student, setting="train.precision")
+            resolved = resolve_precision(name, self.device, channels_last=self.cfg.train.channels_last, model=self.student, setting="train.precision")
         except ConfigError as err:  # e.g. an fp16 run resumed on a CPU
             if self.is_main:
                 con.print(f"[yellow]note[/]: {path} trained in {name}, which this device cannot run ({err}); resuming in {self.precision.name}")
             return
-        self.precision = Precision(self.precision.name, self.precision.device_type, self.precision.channels_last, "auto",
-                                   f"resumed: {path.name} trained in {name}")
+        self.precision = dataclasses.replace(resolved, requested="auto", reason=f"resumed: {path.name} trained in {name}")
         self.precision.prepare(self.student)
         self.scaler = self._scaler()
         if self.is_main:
