@@ -292,6 +292,11 @@ def test_cli_writes_the_files_and_errors_in_one_line(tmp_path, capsys):
     assert err.count("\n") == 1 and "larger than the pool" in err and "Traceback" not in err
     assert main(["suggest", str(run_dir), "--pool", str(run_dir / "splits" / "labeled.txt"), "--budget", "1", "--out", str(out)]) == 0
     assert "everything is labeled" in capsys.readouterr().out
+    assert main(["suggest", str(run_dir), "--budget", "2", "--strategy", "margin", "--out", str(out), "--no-heatmaps", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)  # stdout is the JSON document and nothing else
+    assert doc["strategy"] == "margin" and doc["picks"] == out.read_text().split() and len(doc["picks"]) == 2
+    assert [r["id"] for r in doc["rows"][:2]] == doc["picks"] and all("score" in r for r in doc["rows"])
+    assert doc["files"]["picks"] == str(out)
 
 
 def _write_config(tmp_path: Path, root: Path) -> Path:

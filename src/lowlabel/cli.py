@@ -261,6 +261,9 @@ def _cmd_suggest(args) -> int:
             raise ConfigError(f"--random-seeds {args.random_seeds!r}: give whole numbers separated by commas (0,1,2)") from None
         report = simulate(args.run, strategies=strategies, out=args.out, rounds=args.rounds, random_seeds=seeds, iterations=args.iterations,
                           split=args.split, **common)
+        if args.json:
+            args.json_result = report
+            return 0
         print(markdown(report), end="")
         print(f"simulation -> {Path(args.out) / 'simulate.json'}")
         return 0
@@ -275,6 +278,10 @@ def _cmd_suggest(args) -> int:
         skip += read_ids(args.skip_file)
     res = suggest(args.run, strategy=strategies[0], out=args.out, labeled=args.labeled, seed=args.seed, skip=skip,
                   heatmaps=not args.no_heatmaps, **common)
+    if args.json:
+        args.json_result = {"strategy": res.strategy, "message": res.message, "picks": res.picks, "images": res.images,
+                            "queue": res.queue, "rows": res.rows, "files": {k: str(v) for k, v in res.files.items()}, "info": res.info}
+        return 0
     if not res.picks:
         print(res.message)
         return 0
@@ -468,6 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("--device", default="auto")
     sg.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help="numeric precision (default: the run's eval.precision)")
     sg.add_argument("--quiet", action="store_true", help="no progress bars")
+    sg.add_argument("--json", action="store_true", help="print the picks (ids, scores and each term of the score, files written) as JSON on stdout; "
+                    "with --simulate the report; progress goes to stderr")
     sg.set_defaults(func=_cmd_suggest)
 
     wt = sub.add_parser("weights", help="official SAM / MobileSAM / SAM 2 checkpoints")
