@@ -103,3 +103,23 @@ def test_weak_vs_fine_and_annotation_cost(tmp_path):
     assert "| 62.5 | 100 x scribble | 3.7 |" in md and (tmp_path / "cost_vs_score.png").exists()
     res = aggregate(tmp_path, {"name": "t", "methods": {"pce": {}, "full": {}}, "reference": "none-such"})
     assert "wvf" not in res["rows"][0]
+
+
+def test_a_row_says_what_it_is_and_its_config_does_not_see_it(tmp_path):
+    """A protocol's ``what:`` (e.g. a from-scratch stand-in for a pretrained model) stands beside
+    the row's name in results.md and the summary, and is not part of the cell's config."""
+    proto = {"name": "t", "seeds": [0], "fractions": ["1"], "config": {"data": {"root": str(tmp_path)}, "model": {"arch": "tiny"}},
+             "methods": {"ssr_sam": {"method": {"name": "supervised"}, "what": "SSR-SAM recipe, scratch encoder"}, "plain": {"method": {"name": "supervised"}}}}
+    cs = cells(proto)
+    assert all("what" not in c["raw"] for c in cs)
+    load_config(raw=cs[0]["raw"])
+    (tmp_path / "cells").mkdir()
+    for m in ("ssr_sam", "plain"):
+        rec = {"cell": f"{m}__1__s0", "method": m, "fraction": "1", "seed": 0, "test_miou": 0.5, "test_per_class_iou": {"a": 0.5},
+               "seconds_per_iteration": 1.0, "step_seconds": 1.0, "images_per_second": 8.0, "train_seconds": 60.0, "peak_rss_mb": 100.0,
+               "val_history": [[10, 0.5]], "iterations": 10, "commit": "c", "machine": "m"}
+        (tmp_path / "cells" / f"{m}__1__s0.json").write_text(json.dumps(rec))
+    res = aggregate(tmp_path, proto)
+    assert [r.get("what") for r in res["rows"]] == ["SSR-SAM recipe, scratch encoder", None]
+    md = (tmp_path / "results.md").read_text()
+    assert "| ssr_sam (SSR-SAM recipe, scratch encoder) | 1 | 0 |" in md and "| plain | 1 | 0 |" in md

@@ -12,6 +12,7 @@ A protocol (YAML)::
       unimatch: {method: {name: unimatch}}
       full: {method: {name: supervised}, fractions: ["1"]}
       ablation: {method: {...}, seeds: [0]}
+      scratch: {method: {...}, what: "SSR-SAM recipe, scratch encoder"}   # said beside the row's name in results.md
 
 Each cell runs in its own process (so its peak resident memory is its own), trains, takes the
 best-on-validation checkpoint, evaluates it on ``split`` and writes ``cells/<cell>.json``. A cell
@@ -72,6 +73,7 @@ def cells(proto: dict) -> list[dict]:
         over = copy.deepcopy(over or {})
         fractions = over.pop("fractions", proto["fractions"])
         seeds = over.pop("seeds", proto["seeds"])
+        over.pop("what", None)
         for frac in fractions:
             for seed in seeds:
                 raw = merge_raw(proto["config"], over)
@@ -262,8 +264,9 @@ def aggregate(out: str | Path, proto: dict | None = None) -> dict:
             am, asd = _mean_std([r["test_ap"] for r in rs])
             ap = {"ap_mean": am, "ap_std": asd, "ap_per_seed": [r["test_ap"] for r in by_seed],
                   **{f"{k}_mean": _mean_std([r[f"test_{k}"] for r in rs])[0] for k in ("ap50", "ap75", "count_mae")}}
+        what = ((proto or {}).get("methods", {}).get(m) or {}).get("what")
         table.append({
-            "method": m, "fraction": f, "seeds": sorted(r["seed"] for r in rs), "test_miou_mean": mi, "test_miou_std": sd,
+            "method": m, **({"what": what} if what else {}), "fraction": f, "seeds": sorted(r["seed"] for r in rs), "test_miou_mean": mi, "test_miou_std": sd,
             "test_miou_per_seed": [r["test_miou"] for r in by_seed],
             "per_class_iou_mean": per_class, **dice, **ap,
             "seconds_per_iteration": _mean_std([r["seconds_per_iteration"] for r in rs])[0],
@@ -339,6 +342,12 @@ def _labeled_name(fraction: str) -> str:
     return Path(fraction).stem if fraction.endswith(".txt") else fraction
 
 
+def row_name(row: dict) -> str:
+    """A results row's method name, with what the row is when its protocol says so (``what:``),
+    e.g. ``ssr_sam (SSR-SAM recipe, scratch encoder)``."""
+    return f"{row['method']} ({row['what']})" if row.get("what") else row["method"]
+
+
 def markdown_table(results: dict) -> str:
     rows = results["rows"]
     if not rows:
@@ -358,7 +367,7 @@ def markdown_table(results: dict) -> str:
         return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
 
     for r in rows:
-        cells_ = [r["method"], _labeled_name(r["fraction"]), ",".join(map(str, r["seeds"]))]
+        cells_ = [row_name(r), _labeled_name(r["fraction"]), ",".join(map(str, r["seeds"]))]
         if with_ap:
             cells_ += [f"{pct(r['ap_mean'])} ± {pct(r['ap_std'])}", ", ".join(pct(v) for v in r["ap_per_seed"]), pct(r["ap50_mean"]), pct(r["ap75_mean"]),
                        f"{r['count_mae_mean']:.1f}"]
@@ -390,7 +399,7 @@ def markdown_table(results: dict) -> str:
             "| method | labeled | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys),
         ]
         for r in pseudo:
-            lines.append(f"| {r['method']} | {_labeled_name(r['fraction'])} | " + " | ".join(pct(r["pseudo_labels"].get(k)) for k in keys) + " |")
+            lines.append(f"| {row_name(r)} | {_labeled_name(r['fraction'])} | " + " | ".join(pct(r["pseudo_labels"].get(k)) for k in keys) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -402,7 +411,7 @@ def plot_results(out: Path, table: list[dict], rows: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(table)), 4))
-    labels = [f"{r['method']}\n{_labeled_name(r['fraction'])}" for r in table]
+    labels = [f"{row_name(r)}\n{_labeled_name(r['fraction'])}" for r in table]
     key, name = ("ap", "test mask AP") if all("ap_mean" in r for r in table) else ("test_miou", "test mIoU")
     ax.bar(range(len(table)), [100 * r[f"{key}_mean"] for r in table], yerr=[100 * r[f"{key}_std"] for r in table], capsize=4, color=[f"C{i}" for i in range(len(table))])
     for r in table:

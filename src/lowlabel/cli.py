@@ -180,7 +180,7 @@ def bench_table(res: dict):
     rather than being cut when the table is narrower than them."""
     from rich.table import Table
 
-    from .bench import _labeled_name
+    from .bench import _labeled_name, row_name
 
     rows = res["rows"]
     if all("ap_mean" in r for r in rows):
@@ -200,7 +200,7 @@ def bench_table(res: dict):
     t.add_column(metric, justify="right", no_wrap=True)
     t.add_column("per seed", justify="right")
     for r in rows:
-        t.add_row(r["method"], _labeled_name(r["fraction"]), ",".join(map(str, r["seeds"])),
+        t.add_row(row_name(r), _labeled_name(r["fraction"]), ",".join(map(str, r["seeds"])),
                   f"{pct(r[key + '_mean'])} ± {pct(r[key + '_std'])}", ", ".join(pct(v) for v in r[key + "_per_seed"]))
     return t
 
