@@ -7,7 +7,7 @@ from .derprop import DerProp
 from .fixmatch import FixMatch
 from .instance import S4M, InstanceSupervised
 from .regionmatch import RegionMatch
-from .sesam import SeSAM
+from .sesam import SeSAM, SeSAMSSL
 from .ssr_sam import SSRSAMLabeledOnly, SSRSAMMethod
 from .supervised import PartialCE, Supervised
 from .unimatch import UniMatch
@@ -20,6 +20,7 @@ METHODS: dict[str, type[Method]] = {
     "regionmatch": RegionMatch,
     "derprop": DerProp,
     "sesam": SeSAM,
+    "sesam_ssl": SeSAMSSL,
     "ssr_sam": SSRSAMMethod,
     "ssr_sam_labeled": SSRSAMLabeledOnly,
 }

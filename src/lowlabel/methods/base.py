@@ -328,6 +328,10 @@ class StrongView:
         return mix(self.box, t, mix_partner(t))
 
 
+# the labeled side of a base's step: (weighted terms, with graphs; unweighted losses to log)
+LabeledTerms = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]
+
+
 @dataclass
 class BaseStep:
     """Everything a base's :meth:`WeakToStrong.views` computed for one step."""
@@ -366,8 +370,23 @@ class WeakToStrong(Method):
         """Every forward pass of the base's step, once (:class:`BaseStep`)."""
 
     @abc.abstractmethod
-    def base_terms(self, step: BaseStep, targets: Targets) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """(weighted terms whose sum is the base's loss, the unweighted losses to log)."""
+    def base_terms(self, step: BaseStep, targets: Targets, labeled: LabeledTerms | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(weighted terms whose sum is the base's loss, the unweighted losses to log). The
+        labeled term is :meth:`labeled_term`'s, or ``labeled`` when a method hands its own
+        labeled side (SeSAM's weak-label terms: :class:`~lowlabel.methods.sesam.SeSAMSSL`); the
+        unlabeled terms are the base's whatever the labeled side is."""
+
+    def weigh_labeled(self, loss: torch.Tensor) -> torch.Tensor:
+        """A labeled loss in this base's scale: ``labeled_weight`` x ``loss``."""
+        return self.labeled_weight * loss
+
+    def labeled_term(self, step: BaseStep) -> LabeledTerms:
+        """The base's own labeled term: the pixel loss (``labeled_loss``) on ``labeled["mask"]``,
+        the dense masks or, with ``data.weak``, the weak labels (partial CE / partial CE + Dice
+        on the annotated pixels; 255 is ignored)."""
+        labeled = step.labeled
+        loss_x = supervised_loss(step.x.logits, labeled["mask"], self.p.labeled_loss, labeled.get("weight"))
+        return {"x": self.weigh_labeled(loss_x)}, {"loss_x": loss_x.detach()}
 
     def _weak_pass(self, student, teacher, x: torch.Tensor, u_w: torch.Tensor) -> tuple[NetOutput, NetOutput]:
         """The labeled batch (with gradients) and the weak view (detached). When the teacher is
@@ -394,9 +413,11 @@ class WeakToStrong(Method):
         probs, conf, pseudo = pseudo_labels(weak_logits)
         return Targets(probs, conf, pseudo, (conf >= self.p.threshold) & valid)
 
-    def output(self, step: BaseStep, targets: Targets) -> StepOutput:
-        """The base's terms on ``targets``; metrics of the base's own pseudo-labels (``step.plain``)."""
-        terms, logged = self.base_terms(step, targets)
+    def output(self, step: BaseStep, targets: Targets, labeled: LabeledTerms | None = None) -> StepOutput:
+        """The base's terms on ``targets`` (with ``labeled``, another labeled side's weighted
+        terms and logged losses in place of :meth:`labeled_term`'s); metrics of the base's own
+        pseudo-labels (``step.plain``)."""
+        terms, logged = self.base_terms(step, targets, labeled)
         plain = step.plain
         metrics = pseudo_label_metrics(plain.pseudo, plain.conf, step.valid, self.p.threshold, step.unlabeled.get("gt"))
         return StepOutput({"loss": sum(terms.values()), **logged}, metrics, terms)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from .base import BaseStep, LossParams, WeakToStrong, kept_pseudo_loss, supervised_loss
+from .base import BaseStep, LossParams, WeakToStrong, kept_pseudo_loss
 
 
 class FixMatchParams(LossParams):
@@ -34,10 +34,13 @@ class FixMatch(WeakToStrong):
         plain = self.pseudo_targets(out_w.logits, unlabeled["valid"])
         return BaseStep(labeled, unlabeled, out_x, out_w, self._strong_views(student, unlabeled, 1), plain)
 
-    def base_terms(self, step, targets):
-        labeled, valid = step.labeled, step.valid
-        loss_x = supervised_loss(step.x.logits, labeled["mask"], self.p.labeled_loss, labeled.get("weight"))
+    def weigh_labeled(self, loss):
+        return loss / 2.0  # (L_x + L_s) / 2
+
+    def base_terms(self, step, targets, labeled=None):
+        terms_x, logged_x = self.labeled_term(step) if labeled is None else labeled
+        valid = step.valid
         v = step.strong[0]
         loss_s = kept_pseudo_loss(v.out.logits, v.mix(targets.pseudo), v.mix(targets.keep), v.mix(valid), self.p.unlabeled_loss)
-        terms = {"x": loss_x / 2.0, "s": self.p.weight_u * loss_s / 2.0}
-        return terms, {"loss_x": loss_x.detach(), "loss_s": loss_s.detach()}
+        terms = {**terms_x, "s": self.p.weight_u * loss_s / 2.0}
+        return terms, {**logged_x, "loss_s": loss_s.detach()}

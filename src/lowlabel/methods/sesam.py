@@ -52,8 +52,9 @@ How lowlabel computes the SAM labels (stated choices):
 from __future__ import annotations
 
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -61,6 +62,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from ..data.dataset import IGNORE_INDEX
+from .addon import AddOn, AddOnParams
 from .base import Method, MethodParams, RunContext, StepOutput, supervised_loss
 
 WEAK_KINDS = {"points": "point", "point": "point", "scribbles": "scribble", "scribble": "scribble"}
@@ -84,17 +86,33 @@ class SeSAMParams(MethodParams):
     min_instance: int = Field(16, ge=1)  # components smaller than this are not prompted (a stated choice)
 
 
-class SeSAM(Method):
-    Params = SeSAMParams
-    uses_unlabeled = False
-    labeled_strong = 1
-    needs_coords = True
-    needs_weak = True
-    needs_run = True
-    default_teacher = "ema"
+@dataclass
+class SeSAMLosses:
+    """SeSAM's three losses on a labeled batch (unweighted) and the pixel maps they read:
+    ``sam_only`` the SAM labels where no weak label is; ``keep`` / ``pseudo`` the pixels and
+    labels of L_pseudo (None when L_pseudo is not computed)."""
 
-    def __init__(self, params=None, *, num_classes: int, model=None):
-        super().__init__(params, num_classes=num_classes, model=model)
+    coarse: torch.Tensor
+    sam: torch.Tensor
+    pseudo: torch.Tensor | None
+    sam_only: torch.Tensor
+    keep: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+
+
+class SeSAMLabels:
+    """SeSAM's labeled machinery, shared by :class:`SeSAM` (weak labels alone) and
+    :class:`SeSAMSSL` (the labeled side of a weak-to-strong base): the per-image SAM labels
+    (``bank``, kept in the original frame and saved with the checkpoint), their refresh schedule
+    (first sighting, then every M-th; Theta2 extension by the teacher), their mapping onto views,
+    and L_coarse / L_SAM / L_pseudo with the paper's precedence. A mixin of a :class:`Method`:
+    its state lives in the method's own state dict (``bank.<id>``, ``seen.<id>``)."""
+
+    # teacher kinds attach() accepts (None: any)
+    teachers: ClassVar[tuple[str, ...] | None] = ("ema",)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.bank: dict[str, torch.Tensor] = {}  # id -> uint8 SAM labels in the original frame
         self.seen: dict[str, int] = {}  # id -> how many times the image was in a batch
         self.segmenter = self.cache = self.data = None
@@ -107,7 +125,7 @@ class SeSAM(Method):
         from ..sam.refine import RefineSettings
 
         p = self.p
-        if run.teacher_kind != "ema":
+        if self.teachers is not None and run.teacher_kind not in self.teachers:
             raise ConfigError(f"method sesam pseudo-labels with an EMA teacher (the paper's, decay 0.999): set teacher.kind=ema, not {run.teacher_kind!r}")
         self.segmenter = build_segmenter(p.backend, checkpoint=p.checkpoint, model_type=p.model_type, device=str(run.device))
         if self.segmenter.weights_id.startswith("random") and not p.allow_random_weights:
@@ -162,6 +180,18 @@ class SeSAM(Method):
         self.bank[sid] = torch.from_numpy(labels)
         return self.bank[sid]
 
+    def refresh_batch(self, ids, teacher, iteration: int) -> int:
+        """The resampling schedule (module docstring): each image of the batch gets SAM labels
+        the first time it is seen and every M-th time after; returns how many were refreshed."""
+        refreshed = 0
+        for sid in ids:
+            n = self.seen.get(sid, 0)
+            if n % self.p.resample_every == 0 or sid not in self.bank:
+                self.refresh(sid, teacher, iteration)
+                refreshed += 1
+            self.seen[sid] = n + 1
+        return refreshed
+
     def gather(self, ids, src_y: torch.Tensor, src_x: torch.Tensor) -> torch.Tensor:
         """The SAM labels of each view: the bank's original-frame labels at the views' source
         coordinates (255 for padding and for images without SAM labels yet)."""
@@ -174,43 +204,155 @@ class SeSAM(Method):
             out[b][inside] = labels.to(src_y.device)[src_y[b][inside], src_x[b][inside]].long()
         return out
 
-    # ------------------------------------------------------------------ the step
-    def training_step(self, student, teacher, labeled, unlabeled, ctx):
-        p = self.p
-        x, weak, valid = labeled["image"], labeled["mask"], labeled["valid"]
-        x_s = labeled["strong"][:, 0]
-        refreshed = 0
-        for sid in labeled["id"]:
-            n = self.seen.get(sid, 0)
-            if n % p.resample_every == 0 or sid not in self.bank:
-                self.refresh(sid, teacher, ctx.iteration)
-                refreshed += 1
-            self.seen[sid] = n + 1
-        sam = self.gather(labeled["id"], labeled["src_y"], labeled["src_x"])
+    # ------------------------------------------------------------------ the losses
+    def sam_losses(self, pred_w: torch.Tensor, pred_s: torch.Tensor | None, teacher_logits: torch.Tensor | None, labeled: dict,
+                   sam: torch.Tensor | None) -> SeSAMLosses:
+        """L_coarse and L_SAM on the student's weak-view logits ``pred_w``, L_pseudo on its
+        strong-view logits ``pred_s`` against the teacher's (``teacher_logits``, of the weak view)
+        confident pixels where neither a weak nor a SAM label is. ``sam``: :meth:`gather`'s labels
+        (None: no SAM labels, L_SAM is 0); ``pred_s`` None: L_pseudo is not computed."""
+        weak, valid = labeled["mask"], labeled["valid"]
+        if sam is None:
+            sam = torch.full_like(weak, IGNORE_INDEX)
         sam_only = torch.where(weak != IGNORE_INDEX, IGNORE_INDEX, sam)  # weak labels take precedence
-        conf, pseudo = teacher.predict(x).float().softmax(1).max(1)
-        logits = student(torch.cat([x, x_s]))
-        pred_w, pred_s = logits.split([x.shape[0], x_s.shape[0]])
         loss_coarse = supervised_loss(pred_w, weak, "ce", labeled.get("weight"))
         loss_sam = supervised_loss(pred_w, sam_only, "ce")
-        keep = (conf >= p.theta1) & (weak == IGNORE_INDEX) & (sam == IGNORE_INDEX) & valid
+        if pred_s is None:
+            return SeSAMLosses(loss_coarse, loss_sam, None, sam_only)
+        conf, pseudo = teacher_logits.float().softmax(1).max(1)
+        keep = (conf >= self.p.theta1) & (weak == IGNORE_INDEX) & (sam == IGNORE_INDEX) & valid
         loss_pseudo = (F.cross_entropy(pred_s, pseudo, reduction="none") * keep).sum() / valid.sum().clamp_min(1)
-        terms = {"coarse": loss_coarse, "sam": p.lambda_sam * loss_sam, "pseudo": p.lambda_pseudo * loss_pseudo}
+        return SeSAMLosses(loss_coarse, loss_sam, loss_pseudo, sam_only, keep, pseudo)
+
+    def sam_metrics(self, parts: SeSAMLosses, labeled: dict, refreshed: int) -> dict:
+        """Shares of the valid pixels each source labels, the bank's size, the refreshes of this
+        step, and (with the diagnostic dense masks, ``data.unlabeled_gt``) the accuracy of the SAM
+        labels and of L_pseudo's labels."""
+        weak, valid = labeled["mask"], labeled["valid"]
         n_valid = valid.sum().clamp_min(1)
         metrics = {
-            "sam_ratio": float(((sam_only != IGNORE_INDEX) & valid).sum() / n_valid),
+            "sam_ratio": float(((parts.sam_only != IGNORE_INDEX) & valid).sum() / n_valid),
             "weak_ratio": float(((weak != IGNORE_INDEX) & valid).sum() / n_valid),
-            "pseudo_ratio": float(keep.sum() / n_valid),
+            **({"pseudo_ratio": float(parts.keep.sum() / n_valid)} if parts.keep is not None else {}),
             "bank_images": len(self.bank),
             "refreshed": refreshed,
         }
         if "gt" in labeled:  # diagnostics only (data.unlabeled_gt): the dense masks never reach a loss
             gt = labeled["gt"]
-            for name, m, lab in (("acc_sam", sam_only != IGNORE_INDEX, sam_only), ("acc_pseudo", keep, pseudo)):
+            pairs = [("acc_sam", parts.sam_only != IGNORE_INDEX, parts.sam_only)]
+            if parts.keep is not None:
+                pairs.append(("acc_pseudo", parts.keep, parts.labels))
+            for name, m, lab in pairs:
                 m = m & valid & (gt != IGNORE_INDEX)
                 if m.any():
                     metrics[name] = float((lab[m] == gt[m]).float().mean())
+        return metrics
+
+
+class SeSAM(SeSAMLabels, Method):
+    Params = SeSAMParams
+    uses_unlabeled = False
+    labeled_strong = 1
+    needs_coords = True
+    needs_weak = True
+    needs_run = True
+    default_teacher = "ema"
+
+    # ------------------------------------------------------------------ the step
+    def training_step(self, student, teacher, labeled, unlabeled, ctx):
+        p = self.p
+        x = labeled["image"]
+        x_s = labeled["strong"][:, 0]
+        refreshed = self.refresh_batch(labeled["id"], teacher, ctx.iteration)
+        sam = self.gather(labeled["id"], labeled["src_y"], labeled["src_x"])
+        teacher_logits = teacher.predict(x)
+        logits = student(torch.cat([x, x_s]))
+        pred_w, pred_s = logits.split([x.shape[0], x_s.shape[0]])
+        parts = self.sam_losses(pred_w, pred_s, teacher_logits, labeled, sam)
+        terms = {"coarse": parts.coarse, "sam": p.lambda_sam * parts.sam, "pseudo": p.lambda_pseudo * parts.pseudo}
         return StepOutput(
-            {"loss": sum(terms.values()), "loss_coarse": loss_coarse.detach(), "loss_sam": loss_sam.detach(), "loss_pseudo": loss_pseudo.detach()},
-            metrics, terms,
+            {"loss": sum(terms.values()), "loss_coarse": parts.coarse.detach(), "loss_sam": parts.sam.detach(), "loss_pseudo": parts.pseudo.detach()},
+            self.sam_metrics(parts, labeled, refreshed), terms,
         )
+
+
+# ----------------------------------------------------------------------------- SeSAM + a semi-supervised base
+class SeSAMSSLParams(SeSAMParams, AddOnParams):
+    """SeSAM's parameters (its labeled side, defaults from the paper) and the base's
+    (:class:`~lowlabel.methods.addon.AddOnParams`: ``base``, ``threshold``, ``unlabeled_loss``,
+    ``base_params``)."""
+
+    labeled_loss: Literal["ce"] = "ce"  # L_coarse and L_SAM are cross-entropies (SeSAM sec. 3.3); the base's own labeled term is replaced
+
+
+class SeSAMSSL(SeSAMLabels, AddOn):
+    """``sesam_ssl``: SeSAM's labeled machinery as the labeled side of a weak-to-strong base, for
+    a run with weak labels on some images (``data.labeled`` + ``data.weak``) and nothing on the
+    others (``data.unlabeled``, by default the rest of the train split).
+
+    One step is the base's step (:mod:`lowlabel.methods.addon`) whose labeled term is SeSAM's::
+
+        refreshed = self.refresh_batch(ids, teacher, t)           # SeSAM's SAM labels, M = 4 schedule
+        step = self.base.views(student, teacher, labeled, unlabeled)
+        L_l = L_coarse + lambda1 L_SAM + lambda2 L_pseudo          # SeSAMLabels.sam_losses, on step.x
+        out = self.base.output(step, step.plain, labeled=w(L_l))   # + the base's unlabeled terms, unchanged
+
+    with ``w`` the base's labeled weighting (FixMatch: / 2; UniMatch: x weight_x = 0.5), i.e.
+    SeSAM's weights are given relative to a labeled loss of weight 1, as an add-on's are. The
+    unlabeled images get exactly the base's terms (views, pseudo-labels at ``threshold``, CutMix,
+    UniMatch's feature perturbation); the weakly labeled images get exactly SeSAM's
+    (:class:`SeSAMLabels`, the code the ``sesam`` method runs). Terms: ``x`` = w L_coarse (the
+    partial CE on the weak labels), ``sam``, ``pseudo``, then the base's ``s`` (and ``fp``).
+
+    With ``lambda_sam: 0`` and ``lambda_pseudo: 0`` SAM never runs and the method *is* its base
+    with a partial-CE labeled term (``labeled_loss: ce`` on ``data.weak``): the same losses and
+    gradients (tests/test_weak_ssl.py).
+
+    Choices (stated):
+
+    - L_coarse and L_SAM are taken on the base's labeled logits (``step.x``: with a student
+      teacher, the joint forward of the labeled batch and the weak unlabeled views), so they cost
+      no forward of their own; L_pseudo needs the labeled batch's strong (photometric) view, one
+      more forward of the student.
+    - The teacher is the base's (``teacher.kind``; UniMatch's and FixMatch's code use the student,
+      kind ``self``, the default here). With a student teacher, L_pseudo's targets are the
+      detached labeled logits of that joint train-mode forward (the base's rule for its weak
+      views) and the Theta2 extension is predicted by the student in eval mode; SeSAM's paper
+      uses an EMA teacher (decay 0.999) for both, which ``teacher.kind: ema`` gives (the base's
+      weak views then go through it too).
+    - The base's ``threshold`` (0.95) selects the unlabeled images' pseudo-labels, SeSAM's
+      ``theta1`` (0.96) L_pseudo's on the weakly labeled images; ``theta2`` (0.98) extends the
+      weak labels before prompting.
+    """
+
+    Params = SeSAMSSLParams
+    uses_unlabeled = True
+    n_strong = 2
+    labeled_strong = 1
+    needs_coords = True
+    needs_weak = True
+    needs_run = True
+    default_teacher = "self"
+    teachers = None  # the base's teacher, whatever its kind
+
+    def training_step(self, student, teacher, labeled, unlabeled, ctx):
+        p = self.p
+        sam_on = p.lambda_sam > 0 or p.lambda_pseudo > 0
+        refreshed = self.refresh_batch(labeled["id"], teacher, ctx.iteration) if sam_on else 0
+        step = self.base.views(student, teacher, labeled, unlabeled)
+        sam = self.gather(labeled["id"], labeled["src_y"], labeled["src_x"]) if sam_on else None
+        pred_s = teacher_logits = None
+        if p.lambda_pseudo > 0:
+            teacher_logits = step.x.logits.detach() if teacher is None or teacher.is_student else teacher.predict(labeled["image"])
+            pred_s = student(labeled["strong"][:, 0])
+        parts = self.sam_losses(step.x.logits, pred_s, teacher_logits, labeled, sam)
+        w = self.base.weigh_labeled
+        terms, logged = {"x": w(parts.coarse)}, {"loss_x": parts.coarse.detach()}
+        if p.lambda_sam > 0:
+            terms["sam"], logged["loss_sam"] = w(p.lambda_sam * parts.sam), parts.sam.detach()
+        if p.lambda_pseudo > 0:
+            terms["pseudo"], logged["loss_pseudo"] = w(p.lambda_pseudo * parts.pseudo), parts.pseudo.detach()
+        out = self.base.output(step, step.plain, labeled=(terms, logged))
+        if sam_on:
+            out.metrics.update(self.sam_metrics(parts, labeled, refreshed))
+        return out

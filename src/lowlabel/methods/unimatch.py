@@ -29,7 +29,6 @@ from .base import (
     WeakToStrong,
     kept_pseudo_loss,
     run_net,
-    supervised_loss,
 )
 
 
@@ -75,12 +74,12 @@ class UniMatch(WeakToStrong):
         plain = self.pseudo_targets(out_w.logits, unlabeled["valid"])
         return BaseStep(labeled, unlabeled, out_x, out_w, self._strong_views(student, unlabeled, self.p.strong_views), plain, fp)
 
-    def base_terms(self, step, targets):
-        labeled, valid = step.labeled, step.valid
+    def base_terms(self, step, targets, labeled=None):
+        valid = step.valid
         kind = self.p.unlabeled_loss
         losses_s = [kept_pseudo_loss(v.out.logits, v.mix(targets.pseudo), v.mix(targets.keep), v.mix(valid), kind) for v in step.strong]
-        loss_x = supervised_loss(step.x.logits, labeled["mask"], self.p.labeled_loss, labeled.get("weight"))
+        terms_x, logged_x = self.labeled_term(step) if labeled is None else labeled
         loss_fp = kept_pseudo_loss(step.fp, targets.pseudo, targets.keep, valid, kind)
-        terms = {"x": self.p.weight_x * loss_x, "s": self.p.weight_s * sum(losses_s), "fp": self.p.weight_fp * loss_fp}
-        logged = {"loss_x": loss_x.detach(), "loss_s": (sum(losses_s) / len(losses_s)).detach(), "loss_fp": loss_fp.detach()}
+        terms = {**terms_x, "s": self.p.weight_s * sum(losses_s), "fp": self.p.weight_fp * loss_fp}
+        logged = {**logged_x, "loss_s": (sum(losses_s) / len(losses_s)).detach(), "loss_fp": loss_fp.detach()}
         return terms, logged
