@@ -169,7 +169,11 @@ def _cmd_bench(args) -> int:
         args.json_result = {"results_dir": str(results_dir), **res}
         return 0
     if res["rows"]:
+        from .bench import verdict
+
         console().print(bench_table(res))
+        if verdict(res["rows"]):
+            print(verdict(res["rows"]))
     print(f"{res['cells']} cell(s) finished; results in {results_dir}")
     return 0
 
@@ -199,9 +203,14 @@ def bench_table(res: dict):
     t.add_column("seeds")
     t.add_column(metric, justify="right", no_wrap=True)
     t.add_column("per seed", justify="right")
+    with_ref = any("vs_labeled_only" in r for r in rows)
+    if with_ref:
+        t.add_column("vs labeled-only", justify="right")
     for r in rows:
+        d = r.get("vs_labeled_only")
         t.add_row(row_name(r), _labeled_name(r["fraction"]), ",".join(map(str, r["seeds"])),
-                  f"{pct(r[key + '_mean'])} ± {pct(r[key + '_std'])}", ", ".join(pct(v) for v in r[key + "_per_seed"]))
+                  f"{pct(r[key + '_mean'])} ± {pct(r[key + '_std'])}", ", ".join(pct(v) for v in r[key + "_per_seed"]),
+                  *([("-" if d is None else f"{100 * d:+.1f}")] if with_ref else []))
     return t
 
 
@@ -310,6 +319,33 @@ def _cmd_weights(args) -> int:
         args.json_result = [dataclasses.asdict(c) for c in CHECKPOINTS.values()]
         return 0
     console().print(weights_table(CHECKPOINTS.values()))
+    return 0
+
+
+def _cmd_annotate(args) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise ImportError("lowlabel annotate serves its page with FastAPI and uvicorn: pip install 'lowlabel[annotate]'") from None
+    from .annotate import open_session
+    from .annotate.app import serve
+    from .errors import ConfigError
+
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port {args.port}: give a port in 0..65535 (0: any free port)")
+    store, assistant, predictions, where = open_session(
+        args.dataset, queue=args.queue, run=args.run, segmenter=args.segmenter, checkpoint=args.checkpoint, model_type=args.model_type,
+        device=args.device, cache=args.cache or "default", allow_random_weights=args.allow_random_weights, user=args.user)
+    done = len(set(store.corrected()) & set(store.order))
+    seg = "none (brush and points)" if assistant is None else assistant.name + (" (random weights)" if assistant.random_weights else "")
+
+    def ready(url, server):
+        print(f"lowlabel annotate: {url}\n  queue: {len(store.order)} image(s) from {where}, {done} done; segmenter: {seg}"
+              f"{'; run: ' + str(args.run) if predictions is not None else ''}\n  saves into {store.root} (masks/, splits/corrected.txt); Ctrl+C stops",
+              flush=True)
+
+    serve(store, assistant, predictions, host=args.host, port=args.port, extra_hosts=tuple(args.allow_host), on_ready=ready)
     return 0
 
 
@@ -489,6 +525,23 @@ def build_parser() -> argparse.ArgumentParser:
     wd.add_argument("--to", required=True)
     wd.set_defaults(func=_cmd_weights)
     wt.set_defaults(func=_cmd_weights, weights_command="list")
+
+    an = sub.add_parser("annotate", help="a local web page to review and correct masks (clicks with a promptable segmenter, brush), saved into the dataset")
+    an.add_argument("dataset", help="the folder dataset to correct (masks are written into it)")
+    an.add_argument("--queue", help="ids to review, one a line (suggest's next.txt); default: splits/unlabeled.txt, the run's, or the train split")
+    an.add_argument("--run", help="a run directory or checkpoint: show its predictions and uncertainty")
+    an.add_argument("--segmenter", default="classical", choices=["classical", "sam", "mobilesam", "sam2", "none"],
+                    help="promptable segmenter for clicks and boxes (default: %(default)s; none: brush and points only)")
+    an.add_argument("--checkpoint", help="local weights of the segmenter (or LOWLABEL_SAM_CHECKPOINT)")
+    an.add_argument("--model-type", help="vit_b/vit_l/vit_h for sam, a SAM 2.1 config for sam2")
+    an.add_argument("--allow-random-weights", action="store_true", help="a neural segmenter without a checkpoint (random weights: to try the page only)")
+    an.add_argument("--cache", help="embedding cache folder (default: $LOWLABEL_CACHE/embeddings or ~/.cache/lowlabel/embeddings)")
+    an.add_argument("--device", default="cpu", help="device of the segmenter and the run (default: %(default)s)")
+    an.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only; another prints a warning)")
+    an.add_argument("--port", type=int, default=8765, help="port (default: %(default)s; 0: any free port)")
+    an.add_argument("--allow-host", action="append", default=[], metavar="NAME", help="another host name the browser may use to reach the page (repeatable)")
+    an.add_argument("--user", help="who is annotating, recorded in the log (default: the login name)")
+    an.set_defaults(func=_cmd_annotate)
 
     c = sub.add_parser("config", help="configuration tools")
     csub = c.add_subparsers(dest="config_command", metavar="SUBCOMMAND")
