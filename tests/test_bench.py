@@ -2,7 +2,7 @@ import json
 
 import yaml
 
-from lowlabel.bench import _late_pseudo_means, aggregate, cells, label_kind, load_protocol, run_protocol, step_seconds
+from lowlabel.bench import _late_pseudo_means, aggregate, cells, label_kind, labeled_only_rows, load_protocol, run_protocol, step_seconds
 from lowlabel.cli import main
 from lowlabel.config import load_config
 
@@ -123,3 +123,35 @@ def test_a_row_says_what_it_is_and_its_config_does_not_see_it(tmp_path):
     assert [r.get("what") for r in res["rows"]] == ["SSR-SAM recipe, scratch encoder", None]
     md = (tmp_path / "results.md").read_text()
     assert "| ssr_sam (SSR-SAM recipe, scratch encoder) | 1 | 0 |" in md and "| plain | 1 | 0 |" in md
+
+
+def test_each_row_is_set_against_labeled_only_and_a_loss_is_said_plainly(tmp_path, capsys):
+    """``vs labeled-only``: a row's mean minus the labeled-only row's on the same labeled set; a
+    row at or below it is named in one plain sentence (results.md and the bench summary)."""
+    proto = {"name": "t", "seeds": [0, 1], "fractions": ["1/8", "1/4"], "config": {"data": {"root": str(tmp_path)}, "model": {"arch": "tiny"}},
+             "methods": {"supervised": {"method": {"name": "supervised"}}, "unimatch": {"method": {"name": "unimatch"}},
+                         "fixmatch": {"method": {"name": "fixmatch"}}}}
+    assert labeled_only_rows(proto) == {"supervised"} and labeled_only_rows({**proto, "labeled_only": "fixmatch"}) == {"fixmatch"}
+    (tmp_path / "cells").mkdir()
+    scores = {("supervised", "1/8"): 0.40, ("unimatch", "1/8"): 0.55, ("fixmatch", "1/8"): 0.38, ("supervised", "1/4"): 0.5, ("unimatch", "1/4"): 0.6}
+    for (m, f), v in scores.items():
+        for seed in (0, 1):
+            rec = {"cell": f"{m}__{f.replace('/', '-')}__s{seed}", "method": m, "fraction": f, "seed": seed, "test_miou": v + 0.01 * seed,
+                   "test_per_class_iou": {"a": v}, "seconds_per_iteration": 1.0, "step_seconds": 1.0, "images_per_second": 8.0,
+                   "train_seconds": 60.0, "peak_rss_mb": 100.0, "val_history": [[10, v]], "iterations": 10, "commit": "c", "machine": "m"}
+            (tmp_path / "cells" / f"{rec['cell']}.json").write_text(json.dumps(rec))
+    res = aggregate(tmp_path, proto)
+    rows = {(r["method"], r["fraction"]): r for r in res["rows"]}
+    assert "vs_labeled_only" not in rows[("supervised", "1/8")]
+    assert abs(rows[("unimatch", "1/8")]["vs_labeled_only"] - 0.15) < 1e-9 and rows[("unimatch", "1/8")]["helped"]
+    assert abs(rows[("unimatch", "1/4")]["vs_labeled_only"] - 0.10) < 1e-9  # against the 1/4 labeled-only row, not the 1/8 one
+    assert rows[("fixmatch", "1/8")]["helped"] is False and rows[("fixmatch", "1/8")]["labeled_only_row"] == "supervised"
+    md = (tmp_path / "results.md").read_text()
+    assert "| +15.0 |" in md and "| -2.0 |" in md
+    assert "Semi-supervision did not help here for fixmatch 1/8 (-2.0)" in md and "unimatch 1/" not in md.split("did not help")[1].split("\n")[0]
+    del proto["methods"]["fixmatch"]  # its 1/4 cells are not there: without it every cell is done and bench trains nothing
+    p = tmp_path / "p.yaml"
+    p.write_text(yaml.safe_dump(proto))
+    assert main(["bench", str(p), "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "vs labeled-only" in out and "Semi-supervision did not help here for fixmatch 1/8" in out

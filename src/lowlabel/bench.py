@@ -280,6 +280,7 @@ def aggregate(out: str | Path, proto: dict | None = None) -> dict:
             **_annotation(rs),
         })
     _weak_vs_fine(table, proto)
+    _against_labeled_only(table, proto)
     results = {"protocol": proto["name"] if proto else out.name, "rows": table, "cells": len(rows),
                "commits": sorted({r["commit"] for r in rows if r.get("commit")}), "machines": sorted({r["machine"] for r in rows})}
     atomic_write_json(out / "results.json", results)
@@ -320,6 +321,44 @@ def _weak_vs_fine(table: list[dict], proto: dict | None) -> None:
         r["wvf_reference"] = ref_name
 
 
+LABELED_ONLY_METHODS = ("supervised", "ssr_sam_labeled")  # method names that train on the labeled images alone
+
+
+def labeled_only_rows(proto: dict | None) -> set[str]:
+    """The protocol's labeled-only rows: ``labeled_only: NAME`` (or a list), else every method
+    entry whose ``method.name`` is a labeled-only method (``supervised``, ``ssr_sam_labeled``)."""
+    proto = proto or {}
+    if "labeled_only" in proto:
+        named = proto["labeled_only"]
+        return set([named] if isinstance(named, str) else named or [])
+    out = set()
+    for name, over in (proto.get("methods") or {}).items():
+        method = merge_raw(proto.get("config") or {}, {k: v for k, v in (over or {}).items() if k not in ("seeds", "fractions", "what")}).get("method") or {}
+        if method.get("name", "supervised") in LABELED_ONLY_METHODS:
+            out.add(name)
+    return out
+
+
+def _against_labeled_only(table: list[dict], proto: dict | None) -> None:
+    """Each row that is not labeled-only gets ``vs_labeled_only``: its mean test score minus that
+    of the labeled-only row with the same labeled set and label kind (the first such row in the
+    protocol's order), and ``labeled_only_row``: that row's name. A gain is only claimed where it
+    is positive: ``helped`` False says plainly that semi-supervision did not help there."""
+    if not table:
+        return
+    refs = labeled_only_rows(proto)
+    key = _score_key(table)
+    for r in table:
+        if r["method"] in refs:
+            continue
+        ref = next((t for t in table if t["method"] in refs and t["fraction"] == r["fraction"] and t.get("label_kind", "fine") == r.get("label_kind", "fine")), None)
+        if ref is None or r.get(key) is None or ref.get(key) is None:
+            continue
+        r["vs_labeled_only"] = r[key] - ref[key]
+        r["labeled_only_row"] = ref["method"]
+        r["helped"] = r["vs_labeled_only"] > 0
+
+
 def _late_pseudo_means(rs: list[dict]) -> dict[str, float]:
     """Each pseudo-label metric averaged over the second half of training, then over seeds
     (single batches are noisy; the second half is where the methods differ)."""
@@ -348,6 +387,20 @@ def row_name(row: dict) -> str:
     return f"{row['method']} ({row['what']})" if row.get("what") else row["method"]
 
 
+def verdict(rows: list[dict]) -> str:
+    """One plain sentence on whether semi-supervision paid on these rows (``vs_labeled_only``)."""
+    compared = [r for r in rows if "vs_labeled_only" in r]
+    if not compared:
+        return ""
+    lost = [r for r in compared if not r["helped"]]
+    if not lost:
+        return "Every row is above its labeled-only row."
+    names = ", ".join(f"{r['method']} {_labeled_name(r['fraction'])} ({100 * r['vs_labeled_only']:+.1f})" for r in lost)
+    what = "Semi-supervision did not help here" if all(r.get("label_kind", "fine") == "fine" for r in lost) else "Not above labeled-only training here"
+    return (f"{what} for {names}: the labeled-only model ({', '.join(sorted({r['labeled_only_row'] for r in lost}))}) "
+            "is the better one to keep.")
+
+
 def markdown_table(results: dict) -> str:
     rows = results["rows"]
     if not rows:
@@ -359,7 +412,8 @@ def markdown_table(results: dict) -> str:
     head += ["test mask AP (%)", "AP per seed", "AP50", "AP75", "count MAE"] if with_ap else ["test mIoU (%)"]
     with_cost = all("annotation_hours" in r for r in rows)
     with_wvf = all(r.get("wvf") is not None for r in rows)
-    head += (["WvF (%)"] if with_wvf else []) + (["labels", "annotation h"] if with_cost else [])
+    with_ref = any("vs_labeled_only" in r for r in rows)
+    head += (["vs labeled-only"] if with_ref else []) + (["WvF (%)"] if with_wvf else []) + (["labels", "annotation h"] if with_cost else [])
     head += [f"{c} {'Dice' if with_dice else 'IoU'}" for c in classes] + ["s/step", "img/s", "threads", "precision", "train min", "peak MB"]
     lines = [f"# {results['protocol']}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
@@ -375,6 +429,9 @@ def markdown_table(results: dict) -> str:
             cells_ += [f"{pct(r['dice_mean'])} ± {pct(r['dice_std'])}", ", ".join(pct(v) for v in r["dice_per_seed"])]
         if not with_ap:
             cells_ += [f"{pct(r['test_miou_mean'])} ± {pct(r['test_miou_std'])}"]
+        if with_ref:
+            d = r.get("vs_labeled_only")
+            cells_ += ["-" if d is None else f"{100 * d:+.1f}"]
         cells_ += [pct(r["wvf"])] if with_wvf else []
         cells_ += [f"{r['labeled_images']:.0f} x {r['label_kind']}", f"{r['annotation_hours']:.1f}"] if with_cost else []
         cells_ += [pct((r["per_class_dice_mean"] if with_dice else r["per_class_iou_mean"])[c]) for c in classes]
@@ -382,6 +439,8 @@ def markdown_table(results: dict) -> str:
         lines.append("| " + " | ".join(cells_) + " |")
     lines += [
         *(["", f"Dice: mean foreground Dice, {'per volume (slices of one volume stacked), averaged over volumes' if rows[0].get('dice_by') == 'volume' else 'pooled over the split'}; per-class columns are Dice."] if with_dice else []),
+        *(["", "vs labeled-only: the row's mean test score minus that of the labeled-only row on the same labeled set (points). "
+               + verdict(rows)] if with_ref else []),
         *(["", f"WvF: the row's score over the `{rows[0]['wvf_reference']}` row's (weak vs fine supervision, SeSAM Table 1)."] if with_wvf else []),
         *(["", "annotation h: labeled images x SeSAM's per-image annotation times (sec. 4, Cityscapes: fine 90 min, coarse 7 min, "
                "scribble 2.2 min, point 45 s) — a model of relative cost, not a measurement on these images; see cost_vs_score.png."] if with_cost else []),

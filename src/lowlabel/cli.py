@@ -169,7 +169,11 @@ def _cmd_bench(args) -> int:
         args.json_result = {"results_dir": str(results_dir), **res}
         return 0
     if res["rows"]:
+        from .bench import verdict
+
         console().print(bench_table(res))
+        if verdict(res["rows"]):
+            print(verdict(res["rows"]))
     print(f"{res['cells']} cell(s) finished; results in {results_dir}")
     return 0
 
@@ -199,9 +203,14 @@ def bench_table(res: dict):
     t.add_column("seeds")
     t.add_column(metric, justify="right", no_wrap=True)
     t.add_column("per seed", justify="right")
+    with_ref = any("vs_labeled_only" in r for r in rows)
+    if with_ref:
+        t.add_column("vs labeled-only", justify="right")
     for r in rows:
+        d = r.get("vs_labeled_only")
         t.add_row(row_name(r), _labeled_name(r["fraction"]), ",".join(map(str, r["seeds"])),
-                  f"{pct(r[key + '_mean'])} ± {pct(r[key + '_std'])}", ", ".join(pct(v) for v in r[key + "_per_seed"]))
+                  f"{pct(r[key + '_mean'])} ± {pct(r[key + '_std'])}", ", ".join(pct(v) for v in r[key + "_per_seed"]),
+                  *([("-" if d is None else f"{100 * d:+.1f}")] if with_ref else []))
     return t
 
 
