@@ -35,8 +35,8 @@ def test_method_contract_one_cpu_step(tiny_dataset, name, teacher_kind):
 
         from lowlabel.errors import ConfigError
 
-        wanted = {"sesam": "ema", "ssr_sam": "self", "ssr_sam_labeled": "self"}[name]
-        if teacher_kind != wanted and not (wanted == "self" and teacher_kind == "none"):  # the contract for other teachers: refused before any step
+        wanted = {"sesam": "ema", "ssr_sam": "self", "ssr_sam_labeled": "self", "sesam_ssl": None}[name]  # sesam_ssl: its base's teacher, any kind
+        if wanted is not None and teacher_kind != wanted and not (wanted == "self" and teacher_kind == "none"):  # the contract for other teachers: refused before any step
             with pytest.raises(ConfigError, match=f"teacher.kind={wanted}"):
                 method.attach(RunContext(lab_set, tiny_dataset.parent / "run", torch.device("cpu"), EvalConfig(tile=64), 0, teacher_kind))
             return

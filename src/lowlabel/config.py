@@ -43,6 +43,7 @@ class DataConfig(_Strict):
     base_size: int | None = Field(None, description="long side before rescale; None keeps the image size")
     resize: bool = Field(False, description="resize each image whole to crop x crop instead of rescale + crop (UniMatch's medical recipe)")
     rotate: Literal["none", "medical"] = Field("none", description="'medical': random rot90 + flip or a rotation of up to 20 degrees (UniMatch's ACDC recipe), instead of the horizontal flip")
+    case_pattern: str | None = Field(None, description="a regular expression whose first group names an image's case (ACDC: '^(patient\\d+)_'): the run's supervision line (printed header, summary.json) counts cases as well as images")
     unlabeled_gt: bool = Field(False, description="load the dense masks of unlabeled (and, with data.weak, weakly labeled) images to log pseudo-label accuracy (never used in losses)")
     labeled_batch: int = Field(4, ge=1)
     unlabeled_batch: int = Field(4, ge=1)
@@ -65,6 +66,21 @@ class DataConfig(_Strict):
         if num <= 0 or (num > 1 and num != int(num)):
             raise ValueError(f"{text!r}: a fraction must be in (0, 1], a count a whole number >= 1")
         return text
+
+    @field_validator("case_pattern")
+    @classmethod
+    def _case_pattern(cls, v):
+        if v is None:
+            return v
+        import re
+
+        try:
+            pat = re.compile(v)
+        except re.error as err:
+            raise ValueError(f"{v!r} is not a regular expression ({err})") from None
+        if pat.groups < 1:
+            raise ValueError(f"{v!r} needs a group naming the case, e.g. '^(patient\\d+)_'")
+        return v
 
     @field_validator("bands")
     @classmethod
@@ -183,7 +199,7 @@ class Config(_Strict):
             raise ValueError(f"data.bands selects {n} bands: set model.in_channels: {n} (the network sees every selected band)")
         if c not in (1, 3) and n != c:
             raise ValueError(f"model.in_channels: {c} takes {c} raster bands: list them in data.bands (e.g. {list(range(1, c + 1))})")
-        if c not in (1, 3) and (self.method.name in ("sesam", "ssr_sam", "ssr_sam_labeled") or self.model.arch == "ssr-sam"):
+        if c not in (1, 3) and (self.method.name in ("sesam", "sesam_ssl", "ssr_sam", "ssr_sam_labeled") or self.model.arch == "ssr-sam"):
             raise ValueError(f"{self.method.name} / {self.model.arch} run SAM, which takes RGB: use model.in_channels 1 or 3 (data.bands with 1 or 3 bands)")
         return self
 

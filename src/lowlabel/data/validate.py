@@ -31,12 +31,100 @@ class Problem:
         return f"{self.path}: {self.problem}"
 
 
+@dataclass(frozen=True)
+class Supervision:
+    """What a run trains on: ``labeled`` images carrying ``labels`` (a weak label name such as
+    ``scribbles``, or ``dense masks``) and ``unlabeled`` images with nothing; with a case pattern
+    the cases each part spans (``None`` without one)."""
+
+    labels: str
+    labeled: int
+    unlabeled: int
+    labeled_cases: int | None = None
+    unlabeled_cases: int | None = None
+
+    def line(self) -> str:
+        """E.g. ``7 cases (136 images) scribbles, 63 cases (1176 images) unlabeled``."""
+        def part(n: int, cases: int | None) -> str:
+            images = f"{n} image{'' if n == 1 else 's'}"
+            return images if cases is None else f"{cases} case{'' if cases == 1 else 's'} ({images})"
+
+        rest = f"{part(self.unlabeled, self.unlabeled_cases)} unlabeled" if self.unlabeled else "no unlabeled images"
+        return f"{part(self.labeled, self.labeled_cases)} {self.labels}, {rest}"
+
+    def record(self) -> dict:
+        return {"text": self.line(), "labels": self.labels, "labeled_images": self.labeled, "unlabeled_images": self.unlabeled,
+                "labeled_cases": self.labeled_cases, "unlabeled_cases": self.unlabeled_cases}
+
+
+def count_cases(ids: Sequence[str], case_pattern: str | None) -> int | None:
+    """How many cases ``ids`` span: distinct first groups of ``case_pattern`` searched in each
+    id (an id it does not match is a case of its own); None without a pattern."""
+    if case_pattern is None:
+        return None
+    import re
+
+    pat = re.compile(case_pattern)
+    return len({(m.group(1) if m else sid) for sid in ids for m in [pat.search(sid)]})
+
+
+def weak_folder(info: DatasetInfo, weak: str) -> Path:
+    """The folder of the weak labels named ``weak``: its ``dataset.json`` entry, or a folder of
+    that name (as :meth:`FolderDataset.weak_folder` reads it)."""
+    return info.root / str(info.weak_labels.get(weak, weak)).rstrip("/")
+
+
+def dense_labels(info: DatasetInfo) -> str:
+    """What a dense labeled image of this dataset carries."""
+    return "instance masks" if info.task == "instance" else "dense masks"
+
+
+def supervision_problems(info: DatasetInfo, labeled: Sequence[str], unlabeled: Sequence[str], weak: str | None, *, dense_files: bool = True) -> list[Problem]:
+    """The bad combinations of a weak + unlabeled run, each a one-line :class:`Problem`: ids both
+    weakly labeled and unlabeled; ``weak`` naming no weak labels of the dataset; weakly labeled
+    images without a weak label file (and, with dense labels and ``dense_files``, labeled
+    images without a mask, or an instance map on an instance dataset)."""
+    problems = []
+    both = sorted(set(labeled) & set(unlabeled))
+    if both:
+        what = "weakly labeled" if weak else "labeled"
+        problems.append(Problem(str(info.root / "splits"), f"{len(both)} id(s) are both {what} and unlabeled, e.g. {', '.join(both[:3])}: "
+                                                        "data.labeled and data.unlabeled must not overlap"))
+    if weak is None:
+        if not dense_files:
+            return problems
+        folder, what = (info.root / "instances", "instance map") if info.task == "instance" else (info.root / "masks", "dense mask")
+    else:
+        folder, what = weak_folder(info, weak), "weak label"
+        if weak not in info.weak_labels and not folder.is_dir():
+            known = sorted(info.weak_labels) or "none"
+            problems.append(Problem(str(info.root / "dataset.json"), f"data.weak={weak!r} names no weak labels of this dataset (weak_labels: {known})"))
+            return problems
+    missing = [i for i in labeled if not label_path(folder, i).is_file()]
+    if missing:
+        which = f"data.weak={weak!r}: {len(missing)} of {len(labeled)} weakly" if weak else f"{len(missing)} of {len(labeled)}"
+        problems.append(Problem(str(folder), f"{which} labeled image(s) have no {what} file here, e.g. {', '.join(missing[:3])}"))
+    return problems
+
+
+def supervision_of(info: DatasetInfo, labeled: Sequence[str], unlabeled: Sequence[str], weak: str | None, case_pattern: str | None = None) -> Supervision:
+    """The :class:`Supervision` of a run that trains on ``labeled`` (their weak labels ``weak``,
+    or their dense masks) and ``unlabeled``; raises :class:`DatasetError` with the first of
+    :func:`supervision_problems` (one line; dense label files are left to the engine's check)."""
+    problems = supervision_problems(info, labeled, unlabeled, weak, dense_files=False)  # dense: the engine's own check, with its data.weak hint
+    if problems:
+        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        raise DatasetError(None, f"{problems[0]}{more}")
+    return Supervision(weak or dense_labels(info), len(labeled), len(unlabeled), count_cases(labeled, case_pattern), count_cases(unlabeled, case_pattern))
+
+
 @dataclass
 class Report:
     info: DatasetInfo | None
     problems: list[Problem]
     checked_images: int = 0
     class_pixels: np.ndarray | None = None
+    supervision: Supervision | None = None  # with ``labeled``: what a run on those lists trains on
 
     @property
     def ok(self) -> bool:
@@ -54,8 +142,18 @@ def validate_dataset(
     bands: Sequence[int] | None = None,
     value_range: tuple[float, float] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    labeled: str | Path | None = None,
+    unlabeled: str | Path | None = None,
+    weak: str | None = None,
+    train_split: str = "train",
+    case_pattern: str | None = None,
 ) -> Report:
     """Check ``root`` and return a :class:`Report` listing every problem.
+
+    With ``labeled`` (a list file, or a split name) the report also says what a run on it trains
+    on (``report.supervision``: the labeled images, with the weak labels ``weak`` or dense masks,
+    and the ``unlabeled`` list, by default the rest of ``train_split``; cases counted with
+    ``case_pattern``), and lists the bad combinations (:func:`supervision_problems`).
 
     Checks: dataset.json parses and names classes; every split file's ids have an image; every
     image decodes (truncated files fail); every label map matches its image's size and holds
@@ -78,6 +176,12 @@ def validate_dataset(
     split_dir = root / "splits"
     split_files = [split_dir / f"{s}.txt" for s in splits] if splits else sorted(split_dir.glob("*.txt"))
     split_files += [Path(p) for p in extra_split_files]
+    roles = {}
+    for role, f in (("labeled", labeled), ("unlabeled", unlabeled)):
+        if f is not None:
+            roles[role] = Path(f) if str(f).endswith(".txt") else split_dir / f"{f}.txt"
+            if roles[role] not in split_files:
+                split_files.append(roles[role])
     if not split_files:
         problems.append(Problem(str(split_dir), "no split files (train.txt, val.txt, test.txt)"))
     listed: set[str] = set()
@@ -97,6 +201,21 @@ def validate_dataset(
         dup = len(ids) - len(set(ids))
         if dup:
             problems.append(Problem(str(sf), f"{dup} duplicated id(s)"))
+
+    supervision = None
+    if "labeled" in roles:
+        try:
+            lab_ids = read_ids(roles["labeled"])
+            unl_ids = read_ids(roles["unlabeled"]) if "unlabeled" in roles else [i for i in read_ids(split_dir / f"{train_split}.txt") if i not in set(lab_ids)]
+        except DatasetError:
+            pass  # the unreadable list is reported above (or here: the train split)
+        else:
+            sup_problems = supervision_problems(info, lab_ids, unl_ids, weak)
+            problems += sup_problems
+            if not any("names no weak labels" in p.problem for p in sup_problems):
+                supervision = Supervision(weak or dense_labels(info), len(lab_ids), len(unl_ids), count_cases(lab_ids, case_pattern), count_cases(unl_ids, case_pattern))
+        if "unlabeled" not in roles and not (split_dir / f"{train_split}.txt").is_file():
+            problems.append(Problem(str(split_dir / f"{train_split}.txt"), "split file not found (the unlabeled images are the rest of it)"))
 
     class_pixels = np.zeros(info.num_classes + 1, dtype=np.int64)  # last bin: ignore
     checked = 0
@@ -158,7 +277,7 @@ def validate_dataset(
                 orphans = [p.name for p in label_files(d) if p.stem not in images]
                 if orphans:
                     problems.append(Problem(str(d), f"{len(orphans)} label file(s) with no image: {', '.join(orphans[:5])}"))
-    return Report(info, problems, checked, class_pixels if read_pixels else None)
+    return Report(info, problems, checked, class_pixels if read_pixels else None, supervision)
 
 
 def _signature(image: Path, labels: Sequence[Path]) -> str:

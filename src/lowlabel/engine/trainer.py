@@ -43,14 +43,14 @@ import torch.distributed as dist
 from ..config import Config, dump_config, task_of
 from ..data.dataset import DatasetError
 from ..errors import CheckpointError, ConfigError, DivergenceError, RunExistsError
-from ..data.validate import require_valid
+from ..data.validate import require_valid, supervision_of
 from ..eval.inference import for_eval, sliding_window
 from ..eval.metrics import Scores
 from ..methods import RunContext, StepContext, build_method, get_method_class
 from ..models import build_model
 from ..precision import Precision, legacy_precision, resolve_precision
 from ..utils import atomic_torch_save, atomic_write_json, atomic_write_text, console, progress_bar, remove_orphan_temps, resolve_device
-from .data import Stream, build_sets
+from .data import Stream, build_sets, resolve_split
 from .loggers import Trackers
 from .optim import build_optimizer, set_lr
 from .syncbn import convert_sync_batchnorm, plain_batchnorm
@@ -213,6 +213,9 @@ class Trainer:
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
 
+        # what the run trains on (weak or dense labels, unlabeled images), with one-line errors for bad combinations
+        lab_ids, unl_ids = resolve_split(cfg.data)
+        self.supervision = supervision_of(self.info, lab_ids, unl_ids if mcls.uses_unlabeled else [], cfg.data.weak, cfg.data.case_pattern)
         self.labeled_set, self.unlabeled_set = build_sets(cfg.data, mcls.n_strong, cfg.train.seed, mcls.uses_unlabeled,
                                                           labeled_strong=mcls.labeled_strong, coords=mcls.needs_coords)
         pin = self.device.type == "cuda"
@@ -516,9 +519,11 @@ class Trainer:
         unl_it = self.unl_stream.batches(self.iteration) if self.unl_stream else None
         con = console()
         if self.is_main and self.iteration == 0:
+            sup = cfg.data.weak or cfg.data.case_pattern  # weak runs (and runs counting cases) name their supervision
             con.print(
-                f"[bold]{cfg.name}[/]: {cfg.method.name} on {self.info.name} — {len(self.labeled_set)} labeled"
-                + (f", {len(self.unlabeled_set)} unlabeled" if self.unlabeled_set is not None else "")
+                f"[bold]{cfg.name}[/]: {cfg.method.name} on {self.info.name} — "
+                + (self.supervision.line() if sup else f"{len(self.labeled_set)} labeled"
+                   + (f", {len(self.unlabeled_set)} unlabeled" if self.unlabeled_set is not None else ""))
                 + f"; {self.student.arch}/{self.student.encoder_name}; {self.total} iterations on {self.device}"
                 + (f" x {self.world} processes" if self.world > 1 else "")
                 + f"; precision {self.precision.describe()}"
@@ -578,6 +583,7 @@ class Trainer:
             "best_iteration": self.best["iteration"],
             "last_val_miou": None if self.task == "instance" else last_val, **({"last_val_ap": last_val} if self.task == "instance" else {}), "device": str(self.device), "world_size": self.world,
             "precision": self.precision.name, "channels_last": self.precision.channels_last,
+            "supervision": self.supervision.record(),
         }
         if self.is_main:
             atomic_write_json(self.run_dir / "summary.json", summary)
@@ -588,7 +594,7 @@ class Trainer:
             t.add_column("")
             t.add_column("", justify="right")
             for k, v in summary.items():
-                t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+                t.add_row(k, f"{v:.4f}" if isinstance(v, float) else v["text"] if k == "supervision" else str(v))
             con.print(t)
         if self.distributed and self.iteration >= self.total:  # the group this trainer opened: close it, or gloo's
             dist.barrier()  # threads may abort the process at exit ("terminate called without an active exception")
