@@ -205,7 +205,7 @@ def bench_table(res: dict):
     t.add_column("per seed", justify="right")
     with_ref = any("vs_labeled_only" in r for r in rows)
     if with_ref:
-        t.add_column("vs labeled-only", justify="right")
+        t.add_column("vs labeled-only", justify="right", overflow="fold")
     for r in rows:
         d = r.get("vs_labeled_only")
         t.add_row(row_name(r), _labeled_name(r["fraction"]), ",".join(map(str, r["seeds"])),
