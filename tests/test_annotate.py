@@ -413,6 +413,19 @@ def test_corrected_masks_train_in_the_next_fit(client, data, tmp_path):
     for k, sid in enumerate(ds.ids):
         assert np.array_equal(ds.load(k)["mask"], saved[sid])
 
+    # that run's prediction and uncertainty on the page (--run)
+    store, assistant, predictions, _ = open_session(data, run=run.run_dir, segmenter="none")
+    app = create_app(store, assistant, predictions, hosts=allowed_hosts("127.0.0.1", 8765), token=TOKEN)
+    with TestClient(app, base_url=BASE) as c:
+        it = c.get("/api/items/img01").json()
+        assert it["sources"] == ["mask", "prediction"] and it["uncertainty"] and c.get("/api/session").json()["run"]
+        pred = np.asarray(Image.open(io.BytesIO(c.get("/api/items/img01/labels/prediction").content)))
+        expected = run.predict(data / "images" / "img01.png").labels
+        assert pred.shape == (H, W) and np.array_equal(pred, expected)
+        unc = np.asarray(Image.open(io.BytesIO(c.get("/api/items/img01/uncertainty").content)))
+        assert unc.shape == (H, W) and unc.dtype == np.uint8 and unc.max() > 0
+        assert c.post("/api/items/img01/segment", json={"points": [[1, 1, 1]]}, headers=AUTH).status_code == 404  # --segmenter none
+
 
 def test_weak_labels_are_saved_in_the_weak_format_and_train(client, data, tmp_path):
     from lowlabel import fit

@@ -33,6 +33,7 @@ import math
 import secrets
 import socket
 import sys
+import threading
 from importlib import resources
 
 import numpy as np
@@ -41,6 +42,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
+from .assist import _Recent
 from .store import AnnotationStore, RequestError
 
 MAX_JSON = 64 * 1024  # a segment request: a few hundred points at most
@@ -90,6 +92,17 @@ def create_app(store: AnnotationStore, assistant=None, predictions=None, *, host
     app = FastAPI(title="lowlabel annotate", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.token = token
     sizes: dict[str, tuple[int, int]] = {}
+    recent = _Recent(2)  # decoded images: each click of a session reads its image once, not per click
+    recent_lock = threading.Lock()
+
+    def pixels(sid: str) -> np.ndarray:
+        with recent_lock:
+            arr = recent.get(sid)
+        if arr is None:
+            arr = store.image(sid)
+            with recent_lock:
+                recent.put(sid, arr)
+        return arr
 
     def size(sid: str) -> tuple[int, int]:
         if sid not in sizes:
@@ -188,7 +201,7 @@ def create_app(store: AnnotationStore, assistant=None, predictions=None, *, host
 
     @app.get("/api/items/{sid}/image")
     def image(sid: str):
-        return Response(_png(store.image(sid)), media_type="image/png")
+        return Response(_png(pixels(sid)), media_type="image/png")
 
     @app.get("/api/items/{sid}/labels/{source}")
     def labels(sid: str, source: str):
@@ -216,7 +229,7 @@ def create_app(store: AnnotationStore, assistant=None, predictions=None, *, host
         import time
 
         t0 = time.perf_counter()
-        assistant.embedding(sid, store.image(sid))
+        assistant.embedding(sid, pixels(sid))
         return {"seconds": round(time.perf_counter() - t0, 4)}
 
     @app.post("/api/items/{sid}/segment")
@@ -230,7 +243,7 @@ def create_app(store: AnnotationStore, assistant=None, predictions=None, *, host
             raise RequestError(400, "the body is not JSON") from None
         h, w = size(sid)
         points, box = _prompt(req, w, h)
-        mask, score, seconds = await run_in_threadpool(lambda: assistant.segment(sid, store.image(sid), points, box))
+        mask, score, seconds = await run_in_threadpool(lambda: assistant.segment(sid, pixels(sid), points, box))
         return Response(_png(mask.astype(np.uint8)), media_type="image/png", headers={"X-Score": f"{score:.4f}", "X-Seconds": f"{seconds:.4f}"})
 
     async def save(sid: str, request: Request, weak: bool):
