@@ -41,6 +41,7 @@ import yaml
 from .config import load_config, merge_raw, task_of
 from .data.dataset import read_ids
 from .data.weak import FOLDERS, annotation_hours
+from .engine.reference import LABELED_ONLY_METHODS
 from .utils import atomic_write_json, atomic_write_text, console, remove_orphan_temps
 
 
@@ -319,9 +320,6 @@ def _weak_vs_fine(table: list[dict], proto: dict | None) -> None:
     for r in table:
         r["wvf"] = r[key] / ref[key] if ref[key] else None
         r["wvf_reference"] = ref_name
-
-
-LABELED_ONLY_METHODS = ("supervised", "ssr_sam_labeled")  # method names that train on the labeled images alone
 
 
 def labeled_only_rows(proto: dict | None) -> set[str]:

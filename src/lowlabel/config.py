@@ -146,6 +146,7 @@ class TrainConfig(_Strict):
     deterministic: bool = False
     select: Literal["miou", "dice_mean", "ap", "ap50"] = Field("miou", description="validation metric that picks the best checkpoint (miou / dice_mean: semantic runs; ap / ap50: instance runs, where the default miou means ap)")
     grad_norm_every: int = Field(0, ge=0, description="every N steps, log the encoder gradient norm of each weighted loss term (0: off)")
+    reference: str | None = Field(None, description="a labeled-only run directory (method supervised) of the same dataset, labeled set and validation split: every validation says whether this run is above its best validation score, and summary.json whether semi-supervision helped and which model to keep (lowlabel.engine.reference)")
 
     @field_validator("amp")
     @classmethod

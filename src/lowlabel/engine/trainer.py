@@ -274,6 +274,15 @@ class Trainer:
         elif self.is_main:
             self._prepare_run_dir()
         self.trackers = self._trackers()
+        self.reference = None
+        if cfg.train.reference and self.val_set is not None and cfg.train.val_every:
+            from .reference import Reference
+
+            self.reference = Reference.load(cfg.train.reference, select=self.select, dataset=self.info.name, labeled_ids=list(self.labeled_set.ids),
+                                            val_split=cfg.data.val_split)
+        elif cfg.train.reference:
+            raise ConfigError(f"train.reference={cfg.train.reference}: the comparison is made at each validation; "
+                              "set data.val_split and train.val_every > 0")
         # validation: eval.precision, or with auto the training's precision (lowlabel.config.eval_precision)
         self.eval_precision = resolve_precision(cfg.eval.precision if cfg.eval.precision != "auto" else self.precision.name, self.device,
                                                 channels_last=self.precision.channels_last, setting="eval.precision")
@@ -554,13 +563,16 @@ class Trainer:
                 info = f"loss {running['loss']:.3f} lr {rec['lr']:.2e}" + (f" val {shown} {100 * last_val:.1f}" if last_val is not None else "")
                 if self.select not in ("miou", "ap") and self.best["metrics"]:
                     info += f" best val {self.select} {100 * self.best['value']:.1f}"
+                if self.reference is not None and self.best["metrics"]:
+                    info += f" ({self.reference.line(self.best['value'])})"
                 adv(1, info=info)
                 if cfg.train.val_every and (self.iteration % cfg.train.val_every == 0 or self.iteration == self.total):
                     metrics = self.validate()
                     if metrics is not None:
                         last_val = metrics.get("ap" if self.task == "instance" else "miou") or 0.0
                         score = metrics.get(self.select) or 0.0
-                        self._log({"iteration": self.iteration, "val": metrics})
+                        self._log({"iteration": self.iteration, "val": metrics,
+                                   **({"vs_reference": round(score - self.reference.best, 6)} if self.reference is not None else {})})
                         if self.trackers.active:
                             self.trackers.validation(self.iteration, metrics, self._overlays())
                         if score > self.best["value"]:
@@ -584,6 +596,7 @@ class Trainer:
             "last_val_miou": None if self.task == "instance" else last_val, **({"last_val_ap": last_val} if self.task == "instance" else {}), "device": str(self.device), "world_size": self.world,
             "precision": self.precision.name, "channels_last": self.precision.channels_last,
             "supervision": self.supervision.record(),
+            **({"reference": self.reference.record(self.best["value"])} if self.reference is not None else {}),
         }
         if self.is_main:
             atomic_write_json(self.run_dir / "summary.json", summary)
@@ -594,8 +607,13 @@ class Trainer:
             t.add_column("")
             t.add_column("", justify="right")
             for k, v in summary.items():
-                t.add_row(k, f"{v:.4f}" if isinstance(v, float) else v["text"] if k == "supervision" else str(v))
+                if k != "reference":
+                    t.add_row(k, f"{v:.4f}" if isinstance(v, float) else v["text"] if k == "supervision" else str(v))
             con.print(t)
+            if self.reference is not None:
+                from rich.markup import escape
+
+                con.print(("[bold green]" if summary["reference"]["helped"] else "[bold yellow]") + escape(summary["reference"]["message"]) + "[/]", highlight=False)
         if self.distributed and self.iteration >= self.total:  # the group this trainer opened: close it, or gloo's
             dist.barrier()  # threads may abort the process at exit ("terminate called without an active exception")
             dist.destroy_process_group()
