@@ -28,6 +28,11 @@ pseudo-labels, confidences and kept-pixel mask (:class:`Targets`). An add-on may
 ``output`` other targets (DerProp's rectified pseudo-labels, RegionMatch's PRSPL mask), then adds
 its own terms to the returned :class:`StepOutput`. With the add-on's terms off it passes
 ``step.plain`` and adds nothing, and its losses are the base's exactly (tests/test_methods_addons.py).
+
+The labeled term is a seam too: :meth:`WeakToStrong.labeled_term` is the base's own (its pixel
+loss on ``labeled["mask"]``, the weak labels with ``data.weak``), and ``output(step, targets,
+labeled=...)`` takes another labeled side's terms in its place, the unlabeled terms unchanged
+(SeSAM's weak-label side: :class:`~lowlabel.methods.sesam.SeSAMSSL`, tests/test_weak_ssl.py).
 """
 
 from __future__ import annotations

@@ -51,6 +51,11 @@ How lowlabel computes the SAM labels (stated choices):
 
 from __future__ import annotations
 
+# Weak labels on some images, nothing on the others (issue 42): ``SeSAMLabels`` below is SeSAM's
+# labeled machinery (bank, refresh schedule, the three losses), run alone by ``sesam`` and as the
+# labeled side of a FixMatch / UniMatch base by ``sesam_ssl`` (:class:`SeSAMSSL`, whose docstring
+# states how the two are composed and its choices). Nothing of SeSAM's is written twice.
+
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
