@@ -321,3 +321,23 @@ def test_validate_reports_the_weak_and_unlabeled_counts(weak_ssl_data):
     assert supervision_problems(info, ["img00", "img01"], [], "scribbles") == []  # the weak run does not need it
     img = np.array(Image.open(d / "scribbles" / "img01.png"))
     assert (img != 255).any()  # the fixture's scribbles are real weak labels
+
+
+def test_combined_run_resumes_exactly_with_its_sam_labels(weak_ssl_data, tmp_path):
+    """A sesam_ssl run stopped after 2 of 5 steps and resumed ends where the uninterrupted run
+    ends: the same weights, SAM labels and sightings (the bank is in the checkpoint)."""
+    torch.set_num_threads(1)
+    raw = _raw(weak_ssl_data, tmp_path / "a", "sesam_ssl")
+    raw["train"]["iterations"] = 5
+    fit(load_config(raw=raw), progress=False)
+    full = torch.load(tmp_path / "a" / raw["name"] / "checkpoints" / "last.pt", weights_only=True)
+    raw_b = _raw(weak_ssl_data, tmp_path / "b", "sesam_ssl")
+    raw_b["train"]["iterations"] = 5
+    Trainer(load_config(raw=raw_b), progress=False).fit(stop_at=2)
+    run_dir = tmp_path / "b" / raw_b["name"]
+    fit(resume=run_dir, progress=False)
+    resumed = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert any(k.startswith("bank.") for k in full["method"]) and full["method"].keys() == resumed["method"].keys()
+    for part in ("student", "method"):
+        for k, v in full[part].items():
+            assert torch.equal(v, resumed[part][k]), (part, k)
