@@ -206,6 +206,11 @@ def test_cases_are_scored_and_budgeted_as_units(tmp_path):
     with pytest.raises(ConfigError, match="does not match"):
         suggest(run, pool, 1, "entropy", labeled=["lab_s0"], group_by=r"^(patient\d+)_")
     assert suggest(run, pool, 1, "coreset", labeled=["lab_s0"], group_by=r"^(case\d+)_").picks == ["case2"]  # mean colour farther from red
+    # a run that counts cases (data.case_pattern) is suggested cases by default; group_by=False: images
+    run.config = load_config(raw=tiny_config(root, tmp_path / "runs", data={"case_pattern": r"^(case\d+)_"}))
+    res = suggest(run, pool, 1, "entropy", labeled=["lab_s0"])
+    assert res.picks == ["case2"] and res.info["group_by"] == r"^(case\d+)_" and res.info["group_by_from"] == "data.case_pattern"
+    assert len(suggest(run, pool, 1, "entropy", labeled=["lab_s0"], group_by=False).picks[0].split("_")) == 2  # an image id
 
 
 def test_cost_budget_takes_what_fits_in_rank_order(tmp_path):

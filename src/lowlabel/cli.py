@@ -256,7 +256,7 @@ def _cmd_suggest(args) -> int:
     from .errors import ConfigError
     from .utils import console
 
-    common = dict(pool=args.pool, budget=args.budget, data=args.data, group_by=args.group_by, aggregate=args.aggregate, cost=args.cost,
+    common = dict(pool=args.pool, budget=args.budget, data=args.data, group_by=False if args.per_image else args.group_by, aggregate=args.aggregate, cost=args.cost,
                   minutes=args.minutes, hours=args.hours, candidates=args.candidates, mc_samples=args.mc_samples, bald_source=args.bald_source,
                   uncertainty=args.uncertainty, device=args.device, precision=args.precision, progress=not args.quiet)
     strategies = [s.strip() for s in args.strategy.split(",") if s.strip()]
@@ -490,7 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("--out", required=True, help="the pick list (e.g. next.txt; CSV, overview PNG, heat maps and state beside it); with --simulate a folder")
     sg.add_argument("--labeled", help="id file of what is labeled now (default: the run's labeled set)")
     sg.add_argument("--data", help="dataset folder (default: the run's)")
-    sg.add_argument("--group-by", metavar="REGEX", help=r"label whole cases: the first group of REGEX names an id's case (ACDC: '^(patient\d+)_'); the budget counts cases")
+    sg.add_argument("--group-by", metavar="REGEX", help=r"label whole cases: the first group of REGEX names an id's case (ACDC: '^(patient\d+)_'); the budget counts cases "
+                    "(default: the run's data.case_pattern, if it has one)")
+    sg.add_argument("--per-image", action="store_true", help="pick images, even where the run's data.case_pattern groups them into cases")
     sg.add_argument("--aggregate", default="mean", choices=["mean", "max"], help="a case's score from its images' (default: %(default)s)")
     sg.add_argument("--cost", choices=["points", "scribbles", "coarse", "fine"], help="annotation kind whose time --minutes / --hours buys (SeSAM's per-image costs)")
     sg.add_argument("--minutes", type=float, help="time budget in minutes (with --cost), instead of --budget")

@@ -363,7 +363,7 @@ def _read_state(path: Path) -> dict:
 
 
 def suggest(run, pool=None, budget: int | None = None, strategy: str = "entropy", *, out: str | Path | None = None, data=None,
-            labeled=None, group_by: str | None = None, aggregate: str = "mean", cost: str | None = None, minutes: float | None = None,
+            labeled=None, group_by: str | bool | None = None, aggregate: str = "mean", cost: str | None = None, minutes: float | None = None,
             hours: float | None = None, seed: int = 0, skip: Sequence[str] = (), candidates: float = 4.0, mc_samples: int = 8,
             bald_source: str = "auto", uncertainty: str = "entropy", heatmaps: bool = True, device: str = "auto",
             precision: str | None = None, progress: bool = False) -> Suggestion:
@@ -382,7 +382,8 @@ def suggest(run, pool=None, budget: int | None = None, strategy: str = "entropy"
         data: the dataset folder (default: the run's).
         labeled: the ids labeled now (ids or a file; default: the run's labeled set).
         group_by: a regular expression whose first group names an image's case
-            (``r"^(patient\\d+)_"`` for ACDC); the budget then counts cases.
+            (``r"^(patient\\d+)_"`` for ACDC); the budget then counts cases. Default: the run's
+            ``data.case_pattern`` where it has one; ``False``: images, whatever the run says.
         aggregate: a case's score from its images': ``mean`` or ``max``.
         seed: the ``random`` strategy's draw, and MC dropout's masks.
         skip: unit ids to move to the end of the queue, remembered in ``<out>.state.json``.
@@ -452,8 +453,11 @@ def suggest(run, pool=None, budget: int | None = None, strategy: str = "entropy"
         raise DatasetError(pool_source, f"{len(done)} pool id(s) are labeled already ({lab_source}), e.g. {done[:3]}: take them out of the pool "
                                         "(the default pool is the train split minus the labeled set)")
 
-    # units: images, or cases
-    unit_of = _groups(pool_ids, group_by)
+    # units: images, or cases (group_by; by default the run's data.case_pattern; False: images)
+    if group_by is None and run.config is not None and run.config.data.case_pattern:
+        group_by = run.config.data.case_pattern
+        result.info["group_by_from"] = "data.case_pattern"
+    unit_of = _groups(pool_ids, group_by or None)
     units: dict[str, list[str]] = {}
     for i in pool_ids:
         units.setdefault(unit_of[i], []).append(i)
@@ -597,7 +601,7 @@ def suggest(run, pool=None, budget: int | None = None, strategy: str = "entropy"
     result.images = [i for u in picks for i in sorted(units[u])]
     result.info.update({"budget": budget, "cost": kind, "budget_minutes": None if seconds is None else seconds / 60,
                         "spent_minutes": None if kind is None else sum(unit_cost[u] for u in picks) / 60,
-                        "group_by": group_by, "aggregate": aggregate if group_by else None, "units": len(names), "skipped": sorted(skipped_set)})
+                        "group_by": group_by or None, "aggregate": aggregate if group_by else None, "units": len(names), "skipped": sorted(skipped_set)})
     if strategy == "hybrid":
         result.info["uncertainty"] = uncertainty
 
