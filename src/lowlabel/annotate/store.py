@@ -126,7 +126,7 @@ class AnnotationStore:
         self.order = ids
         self.user = user
         self._lock = threading.Lock()
-        for folder in (self.root / "masks", self.root / "splits", self.root / WEAK_NAME):
+        for folder in (self.root / "masks", self.root / "splits", self.root / WEAK_NAME, self.root / "annotate"):
             if folder.exists() and not _inside(folder, self.root):
                 raise DatasetError(folder, "resolves outside the dataset folder (a link?): annotate writes only inside the dataset")
 
@@ -209,6 +209,8 @@ class AnnotationStore:
             keep = self.root / "annotate" / "replaced" / folder.name / f"{sid}.png"
             if not keep.exists():
                 keep.parent.mkdir(parents=True, exist_ok=True)
+                if not _inside(keep.parent, self.root):
+                    raise RequestError(500, "annotate/ resolves outside the dataset folder")
                 shutil.copyfile(dest, keep)
         arr = np.ascontiguousarray(labels, dtype=np.uint8)
         img = Image.frombytes("P", (arr.shape[1], arr.shape[0]), arr.tobytes())  # indices kept, colours from the palette

@@ -498,6 +498,7 @@
         b.addEventListener("click", () => setClass(i));
         box.append(b);
       });
+      if (!s.segmenter) S.tool = "brush";  // nothing to click with
       $("segmenter").textContent = s.segmenter ? `segmenter: ${s.segmenter}${s.random_weights ? " (random weights: masks are noise)" : ""}` : "no segmenter";
       const wanted = decodeURIComponent(location.hash.slice(1));
       const first = s.queue.includes(wanted) ? wanted : s.queue.find((id) => !S.done.has(id)) || s.queue[0];
