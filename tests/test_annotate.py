@@ -456,3 +456,26 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["annotate", str(data), "--segmenter", "sam"]) == 2
     assert "random" in capsys.readouterr().err
     assert main(["annotate", str(data), "--port", "70000"]) == 2
+
+
+def test_the_command_serves_until_interrupted(data):
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "lowlabel.cli", "annotate", str(data), "--port", "0", "--segmenter", "none", "--user", "cli"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = proc.stdout.readline()
+        assert first.startswith("lowlabel annotate: http://127.0.0.1:"), (first, proc.stderr.read() if proc.poll() is not None else "")
+        url = first.split()[-1]
+        assert "4 image(s) from" in proc.stdout.readline()
+        with urllib.request.urlopen(url + "api/session", timeout=10) as r:
+            s = json.loads(r.read())
+        assert s["user"] == "cli" and s["segmenter"] is None
+        with urllib.request.urlopen(url, timeout=10) as r:
+            assert "lowlabel-token" in r.read().decode()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(20)
+    assert rc in (0, 130), proc.stderr.read()  # 130: uvicorn hands the interrupt on, and lowlabel reports it as Ctrl+C

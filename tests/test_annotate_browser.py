@@ -185,6 +185,10 @@ def test_click_brush_save_validate_reload(server, dataset, page, tmp_path):
     shown = np.array(pg.evaluate("window.lowlabelAnnotate.label()"), np.uint8).reshape(original.shape)
     assert np.array_equal(shown, drawn)
     assert pg.locator("#saved-flag").inner_text() == "saved"
+    assert pg.locator("#queue option[value='slice00']").inner_text() == "\u2713 slice00"
+    pg.select_option("#queue", "slice03")  # the queue list jumps
+    wait_open(pg, "slice03")
+    assert pg.locator("#position").inner_text() == "4 / 20"
 
 
 def test_points_without_a_segmenter_save_as_weak_labels(shared_datasets, tmp_path, page):

@@ -253,7 +253,14 @@
     $("progress").textContent = `${done} of ${S.queue.length} done`;
     if (S.item) {
       $("position").textContent = `${S.item.index + 1} / ${S.queue.length}`;
-      $("item-id").textContent = S.item.id;
+      const q = $("queue");
+      const stamp = `${S.queue.length}/${S.done.size}/${S.doneWeak.size}`;
+      if (q.dataset.stamp !== stamp) {  // rebuilt when something was saved, not on every edit
+        q.innerHTML = "";
+        for (const id of S.queue) q.add(new Option(`${S.done.has(id) ? "\u2713 " : S.doneWeak.has(id) ? "\u00b7 " : ""}${id}`, id));
+        q.dataset.stamp = stamp;
+      }
+      q.value = S.item.id;
       $("saved-flag").textContent = S.done.has(S.item.id) ? "saved" : S.doneWeak.has(S.item.id) ? "weak label saved" : "";
     }
   }
@@ -468,6 +475,7 @@
   $("brush").addEventListener("input", (ev) => { S.brush = Number(ev.target.value); });
   $("opacity").addEventListener("input", (ev) => { S.opacity = Number(ev.target.value) / 100; render(); });
   $("show-uncertainty").addEventListener("change", (ev) => { S.showUncertainty = ev.target.checked; render(); });
+  $("queue").addEventListener("change", (ev) => { open(ev.target.value); ev.target.blur(); });
   $("source").addEventListener("change", async (ev) => {
     const source = ev.target.value;
     try {
