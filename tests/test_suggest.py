@@ -368,3 +368,41 @@ def test_instance_run_takes_coreset(tmp_path):
     res = suggest(run, train[1:], 2, "coreset", data=root, labeled=train[:1], out=tmp_path / "o" / "next.txt")
     assert len(res.picks) == 2 and res.rows[0]["distance"] >= res.rows[1]["distance"] > 0
     assert (tmp_path / "o" / "next.csv").is_file() and not (tmp_path / "o" / "next.png").exists()  # no probability maps to draw
+
+
+def test_windows_of_a_large_image_are_units_without_blanks_duplicates_or_neighbours(tmp_path):
+    """tile=32 on one 64 x 160 image: 10 windows; the blank one, the copy of A and four of the five
+    red windows (noise aside, the same thumbnail) are left out;
+    the most uncertain window comes first, its uncertain neighbour goes behind the windows that
+    are not next to it (tile_gap 1), and comes second with tile_gap 0."""
+    rng = np.random.default_rng(0)
+    big = np.zeros((64, 160, 3), np.float32)
+
+    def fill(cx, cy, colour):
+        big[cy * 32:(cy + 1) * 32, cx * 32:(cx + 1) * 32] = np.clip(np.asarray(colour) + rng.uniform(-0.05, 0.05, (32, 32, 3)), 0, 1)
+
+    fill(1, 0, (0.5, 0.5, 0.0))  # A: the most uncertain
+    big[0:32, 64:96] = big[0:32, 32:64]  # an exact copy of A: a near-duplicate
+    fill(3, 0, (0.65, 0.35, 0.0))  # B: less uncertain, two windows away from A
+    fill(4, 0, RED)
+    fill(0, 1, (0.55, 0.45, 0.0))  # D: uncertain, A's diagonal neighbour
+    for cx in range(1, 5):
+        fill(cx, 1, RED)
+    big[0:32, 0:32] = 0.0  # blank
+    root = toy_dataset(tmp_path / "d", {"lab0": RED, "mosaic": big})
+    run = hand_run(root, tmp_path)
+    res = suggest(run, ["mosaic"], 2, "entropy", labeled=["lab0"], tile=32, out=tmp_path / "o" / "next.txt")
+    assert res.info["tiles"] == {"side": 32, "gap": 1, "windows": 10, "blank": 1, "near_duplicates": 5, "kept": 4}
+    a, b, d = "mosaic@32,0,32,32", "mosaic@96,0,32,32", "mosaic@0,32,32,32"
+    assert res.picks == [a, b] and res.queue[2:] == [d, "mosaic@128,0,32,32"]  # both next to a pick
+    assert "mosaic@64,0,32,32" not in res.queue and "mosaic@0,0,32,32" not in res.queue
+    rows = {r["id"]: r for r in res.rows}
+    assert rows[d]["near_pick"] == rows["mosaic@128,0,32,32"]["near_pick"] == 1 and rows[b]["near_pick"] == 0 and (rows[a]["x"], rows[a]["y"], rows[a]["w"]) == (32, 0, 32)
+    assert rows[d]["score"] > rows[b]["score"]  # moved behind for its place, not its score
+    assert (tmp_path / "o" / "next.txt").read_text().split() == [a, b]
+    assert (tmp_path / "o" / "next.heatmaps" / f"{a}.png").stat().st_size > 0
+    assert suggest(run, ["mosaic"], 2, "entropy", labeled=["lab0"], tile=32, tile_gap=0).picks == [a, d]
+    with pytest.raises(ConfigError, match="choose one"):
+        suggest(run, ["mosaic"], 1, "entropy", labeled=["lab0"], tile=32, group_by=r"^(m)")
+    with pytest.raises(ConfigError, match="at least 16"):
+        suggest(run, ["mosaic"], 1, "entropy", labeled=["lab0"], tile=8)

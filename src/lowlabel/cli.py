@@ -258,7 +258,8 @@ def _cmd_suggest(args) -> int:
 
     common = dict(pool=args.pool, budget=args.budget, data=args.data, group_by=False if args.per_image else args.group_by, aggregate=args.aggregate, cost=args.cost,
                   minutes=args.minutes, hours=args.hours, candidates=args.candidates, mc_samples=args.mc_samples, bald_source=args.bald_source,
-                  uncertainty=args.uncertainty, device=args.device, precision=args.precision, progress=not args.quiet)
+                  uncertainty=args.uncertainty, device=args.device, precision=args.precision, progress=not args.quiet,
+                  tile=args.tile, tile_gap=args.tile_gap)
     strategies = [s.strip() for s in args.strategy.split(",") if s.strip()]
     if args.simulate:
         from .label import simulate
@@ -492,6 +493,10 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("--data", help="dataset folder (default: the run's)")
     sg.add_argument("--group-by", metavar="REGEX", help=r"label whole cases: the first group of REGEX names an id's case (ACDC: '^(patient\d+)_'); the budget counts cases "
                     "(default: the run's data.case_pattern, if it has one)")
+    sg.add_argument("--tile", type=int, metavar="PX", help="windows of PX x PX pixels of the pool images are the units (ids IMAGE@X,Y,W,H): "
+                    "for mosaics and slides too large to label whole; blank and near-duplicate windows are left out")
+    sg.add_argument("--tile-gap", type=int, default=1, metavar="N", help="with --tile: a window within N windows of one ranked ahead of it "
+                    "in the same image goes behind the others (spatial diversity; 0: off; default: %(default)s)")
     sg.add_argument("--per-image", action="store_true", help="pick images, even where the run's data.case_pattern groups them into cases")
     sg.add_argument("--aggregate", default="mean", choices=["mean", "max"], help="a case's score from its images' (default: %(default)s)")
     sg.add_argument("--cost", choices=["points", "scribbles", "coarse", "fine"], help="annotation kind whose time --minutes / --hours buys (SeSAM's per-image costs)")

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..data.dataset import as_rgb
-from ..data.tiling import open_reader
 from ..utils import progress_bar
 from . import strategies as S
+from .tiles import open_unit
 
 DISPLAY_SIDE = 768  # heat maps are drawn at most this many pixels on the long side
 THUMB_SIDE = 192
@@ -83,7 +83,7 @@ def write_explanations(result, base: Path, run, info, images: dict, units: dict,
             smap, terms, probs = scorer.pixel_maps(sid, images[sid])
             term = next(iter(terms))
             score = S.image_score(smap)
-            reader = open_reader(images[sid], *run.raster_options())
+            reader = open_unit(images[sid], *run.raster_options())
             img = as_rgb(reader.read(0, 0, reader.height, reader.width))
             labels = probs.argmax(0).numpy().astype(np.uint8)
             disp = _shrink(img, DISPLAY_SIDE)

@@ -102,6 +102,10 @@ def simulate(run, budget: int | None = None, strategies: Sequence[str] | str = (
     for key in ("skip", "labeled", "seed", "heatmaps", "strategy"):
         if key in suggest_args:
             raise ConfigError(f"simulate sets {key} itself")
+    if suggest_args.get("tile") is not None:
+        raise ConfigError("simulate replays whole images' labels (a retraining adds images to the labeled set); windows (tile) cannot be replayed")
+    suggest_args.pop("tile", None)
+    suggest_args.pop("tile_gap", None)
     info = dataset_of(run, data)
     split = split or run.config.data.test_split
     if not split:

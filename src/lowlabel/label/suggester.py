@@ -57,7 +57,6 @@ from ..data.dataset import (
     read_ids,
     read_label,
 )
-from ..data.tiling import open_reader
 from ..data.weak import COST_SECONDS
 from ..errors import ConfigError, DatasetError
 from ..utils import atomic_write_json, atomic_write_text, progress_bar
@@ -65,6 +64,7 @@ from . import (
     STRATEGIES,  # the names live in the package, where the CLI reads them without importing torch
 )
 from . import strategies as S
+from .tiles import open_unit, spread, tile_pool
 
 UNCERTAINTIES = ("entropy", "margin", "balanced-entropy", "balanced-margin", "bald")  # per-pixel strategies (hybrid's first step)
 INSTANCE_STRATEGIES = ("random", "coreset")
@@ -258,7 +258,7 @@ class Scorer:
                               batch_size=e.batch_size, device=run.device, return_probs=True, precision=run.precision).probs
 
     def pixel_maps(self, sid: str, path: Path) -> tuple[torch.Tensor, dict, torch.Tensor]:
-        reader = open_reader(path, *self.run.raster_options())
+        reader = open_unit(path, *self.run.raster_options())
         s = self.strategy
         if s == "bald":
             acc = S.MutualInformation()
@@ -290,7 +290,7 @@ class Scorer:
     def features(self, path: Path) -> np.ndarray:
         run = self.run
         model = run.model
-        reader = open_reader(path, *run.raster_options())
+        reader = open_unit(path, *run.raster_options())
         img = reader.read(0, 0, reader.height, reader.width)
         x = torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)).permute(2, 0, 1)[None].float().div_(255).to(run.device)
         H, W = x.shape[-2:]
@@ -366,7 +366,7 @@ def suggest(run, pool=None, budget: int | None = None, strategy: str = "entropy"
             labeled=None, group_by: str | bool | None = None, aggregate: str = "mean", cost: str | None = None, minutes: float | None = None,
             hours: float | None = None, seed: int = 0, skip: Sequence[str] = (), candidates: float = 4.0, mc_samples: int = 8,
             bald_source: str = "auto", uncertainty: str = "entropy", heatmaps: bool = True, device: str = "auto",
-            precision: str | None = None, progress: bool = False) -> Suggestion:
+            precision: str | None = None, progress: bool = False, tile: int | None = None, tile_gap: int = 1) -> Suggestion:
     """Rank the ``pool`` and pick what to label next.
 
     Args:
@@ -393,6 +393,11 @@ def suggest(run, pool=None, budget: int | None = None, strategy: str = "entropy"
             (dropout where the model has dropout layers).
         uncertainty: ``hybrid``'s first step (one of :data:`UNCERTAINTIES`).
         heatmaps: write the overview and the per-image heat maps.
+        tile: windows of ``tile`` x ``tile`` pixels of the pool images are the units (ids
+            ``<image>@<x0>,<y0>,<w>,<h>``), blank and near-duplicate windows left out
+            (:mod:`lowlabel.label.tiles`); for mosaics and slides too large to label whole.
+        tile_gap: with ``tile``: a window within this many grid steps of one ranked ahead of it
+            in the same image goes behind the others (spatial diversity; 0: off).
     """
     if strategy not in STRATEGIES:
         raise ConfigError(f"strategy {strategy!r}: choose from {', '.join(STRATEGIES)}")
@@ -457,12 +462,25 @@ def suggest(run, pool=None, budget: int | None = None, strategy: str = "entropy"
     if group_by is None and run.config is not None and run.config.data.case_pattern:
         group_by = run.config.data.case_pattern
         result.info["group_by_from"] = "data.case_pattern"
+    tiles = None
+    if tile is not None:  # windows are the units (lowlabel.label.tiles)
+        if group_by and "group_by_from" not in result.info:
+            raise ConfigError("tile and group_by: windows are the units, cases group whole images: choose one")
+        result.info.pop("group_by_from", None)
+        group_by = False
+        if isinstance(tile_gap, bool) or int(tile_gap) != tile_gap or tile_gap < 0:
+            raise ConfigError(f"tile_gap {tile_gap!r}: a whole number of windows >= 0 (0: neighbours may be picked together)")
+        tiles, counts = tile_pool(pool_ids, images, tile, *run.raster_options())
+        result.info["tiles"] = {"side": int(tile), "gap": int(tile_gap), **counts}
+        if not tiles:
+            raise DatasetError(pool_source, f"the pool's {counts['windows']} window(s) of {tile} px are all blank or near-duplicates: nothing to suggest")
+        pool_ids, images = list(tiles), {**images, **tiles}
     unit_of = _groups(pool_ids, group_by or None)
     units: dict[str, list[str]] = {}
     for i in pool_ids:
         units.setdefault(unit_of[i], []).append(i)
     names = sorted(units)
-    what = "cases" if group_by else "images"
+    what = "cases" if group_by else "windows" if tiles else "images"
     if budget is not None and budget > len(names):
         raise ConfigError(f"budget {budget}: larger than the pool, which holds {len(names)} {what} ({pool_source})")
     unit_cost = {u: len(units[u]) * COST_SECONDS[kind] for u in names} if kind else None
@@ -582,6 +600,11 @@ def suggest(run, pool=None, budget: int | None = None, strategy: str = "entropy"
             acc, hint = acc + c, hint + 1
     order_a, extra_a = rank(fresh, hint)
     order_b, extra_b = rank([u for u in names if u in skipped_set], hint)
+    moved: set[str] = set()
+    if tiles:  # spatial diversity: neighbours of a window ranked ahead go behind the rest
+        order_a, moved_a = spread(order_a, tiles, int(tile_gap), int(tile))
+        order_b, moved_b = spread(order_b, tiles, int(tile_gap), int(tile))
+        moved = moved_a | moved_b
     queue = order_a + order_b
     extra = {**extra_a, **extra_b}
 
@@ -611,6 +634,9 @@ def suggest(run, pool=None, budget: int | None = None, strategy: str = "entropy"
             row["images"] = len(units[u])
             if term_names:
                 row["top_image"] = max(units[u], key=lambda i: (img_terms[i][term_names[0]], i))
+        if tiles:
+            t = tiles[u]
+            row.update(image=t.image, x=t.x, y=t.y, w=t.w, h=t.h, near_pick=int(u in moved))
         if kind:
             row["minutes"] = unit_cost[u] / 60
         row["score"] = extra[u].get("score")
