@@ -479,3 +479,25 @@ def test_the_command_serves_until_interrupted(data):
         proc.send_signal(signal.SIGINT)
         rc = proc.wait(20)
     assert rc in (0, 130), proc.stderr.read()  # 130: uvicorn hands the interrupt on, and lowlabel reports it as Ctrl+C
+
+
+def test_a_sam_family_segmenter_answers_from_the_embedding_cache(data, tmp_path):
+    """MobileSAM with random weights (its masks mean nothing; the path is what is tested): the
+    page's click goes through the project's backend, and a second session reads the embedding
+    from the disk cache instead of encoding again."""
+    pytest.importorskip("segment_anything")
+    from lowlabel.annotate.assist import Assistant
+
+    cache = tmp_path / "emb"
+    store, assistant, _, _ = open_session(data, segmenter="mobilesam", allow_random_weights=True, cache=cache)
+    assert assistant.random_weights and assistant.name == "mobilesam_vit_t"
+    app = create_app(store, assistant, hosts=allowed_hosts("127.0.0.1", 8765), token=TOKEN)
+    with TestClient(app, base_url=BASE) as c:
+        assert c.get("/api/session").json()["random_weights"] is True
+        assert c.post("/api/items/img01/embed", headers=AUTH).status_code == 200
+        r = c.post("/api/items/img01/segment", json={"points": [[10, 10, 1], [50, 30, 0]], "box": [2, 2, 40, 40]}, headers=AUTH)
+        assert r.status_code == 200 and np.asarray(Image.open(io.BytesIO(r.content))).shape == (H, W)
+    assert assistant.cache.misses == 1 and len(list(cache.rglob("*.pt"))) == 1
+    again = Assistant("mobilesam", allow_random_weights=True, cache=cache)
+    mask, score, _ = again.segment("img01", store.image("img01"), [(10.0, 10.0, 1)], None)
+    assert again.cache.hits == 1 and again.cache.misses == 0 and mask.shape == (H, W)

@@ -213,7 +213,7 @@
       for (let i = 0; i < w * h; i++) {
         const c = pm && pm[i] ? pc : lab[i];
         if (c === UNLABELED) continue;
-        const rgb = pal[c];
+        const rgb = pal[c] || [255, 0, 255];  // a class id the dataset does not have (saving it is refused): magenta
         d[4 * i] = rgb[0]; d[4 * i + 1] = rgb[1]; d[4 * i + 2] = rgb[2]; d[4 * i + 3] = 255;
       }
     }
