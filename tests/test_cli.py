@@ -32,6 +32,17 @@ def test_validate_exit_codes(tiny_dataset, capsys):
     assert "img02.png" in capsys.readouterr().out
 
 
+def test_validate_says_what_a_run_on_the_lists_trains_on(tiny_dataset, capsys):
+    (tiny_dataset / "splits" / "few.txt").write_text("img00\nimg01\n")
+    train = (tiny_dataset / "splits" / "train.txt").read_text().split()
+    assert main(["validate", str(tiny_dataset), "--quiet", "--labeled", "few"]) == 0
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if ln.startswith("a run on these lists trains on:"))
+    assert "2 images" in line and f"{len([i for i in train if i not in ('img00', 'img01')])} images unlabeled" in line
+    assert main(["validate", str(tiny_dataset), "--quiet", "--labeled", "few", "--weak", "scribbles"]) == 1  # no such weak labels
+    assert "scribbles" in capsys.readouterr().out
+
+
 def test_errors_are_one_clear_line(tmp_path, capsys):
     assert main(["split", str(tmp_path / "nowhere"), "--count", "1", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err

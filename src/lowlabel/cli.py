@@ -28,7 +28,8 @@ def _cmd_validate(args) -> int:
 
     con = console()
     with counting_progress(f"checking {Path(args.dataset).name}", enabled=not args.quiet, transient=True) as prog:
-        report = validate_dataset(args.dataset, extra_split_files=args.split_file, progress=prog)
+        report = validate_dataset(args.dataset, extra_split_files=args.split_file, progress=prog, labeled=args.labeled, unlabeled=args.unlabeled,
+                                  weak=args.weak, train_split=args.train_split, case_pattern=args.case_pattern)
     if report.info is not None:
         info = report.info
         con.print(f"[bold]{info.name}[/] ({info.task}): {info.num_classes} classes, {report.checked_images} images decoded")
@@ -40,6 +41,8 @@ def _cmd_validate(args) -> int:
             for name, n in zip(list(info.classes) + ["(ignore)"], report.class_pixels):
                 t.add_row(name, f"{100 * n / total:.2f}%")
             con.print(t)
+    if report.supervision is not None:
+        con.print(f"a run on these lists trains on: {report.supervision.line()}", markup=False, highlight=False)
     if report.ok:
         con.print("[green]OK[/]: no problems found")
         return 0
@@ -382,6 +385,11 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="check a folder dataset and report every problem")
     v.add_argument("dataset")
     v.add_argument("--split-file", action="append", default=[], help="also check this labeled/unlabeled list (repeatable)")
+    v.add_argument("--labeled", help="the labeled list (file or split name) of a run: also report what the run trains on and the bad combinations")
+    v.add_argument("--unlabeled", help="with --labeled: the unlabeled list (default: the rest of --train-split)")
+    v.add_argument("--weak", help="with --labeled: the labeled images carry these weak labels (scribbles, points, coarse) instead of dense masks")
+    v.add_argument("--train-split", default="train", help="with --labeled: the split the lists come from (default: %(default)s)")
+    v.add_argument("--case-pattern", help=r"with --labeled: count cases too (the first group of this regex names a case; ACDC: '^(patient\d+)_')")
     v.add_argument("--quiet", action="store_true")
     v.set_defaults(func=_cmd_validate)
 
