@@ -128,6 +128,9 @@ def test_click_brush_save_validate_reload(server, dataset, page, tmp_path):
     # a positive click inside the cell, as membrane (class 2 in the page's numbering, id 1)
     pg.keyboard.press("2")
     pg.keyboard.press("c")
+    pg.mouse.move(*page_xy(pg, *CELL))
+    pg.mouse.wheel(0, -400)  # zoom in about the cell: the click below must still land on its pixel
+    wait_for(pg, "() => document.getElementById('view').style.transform.includes('scale(2.')")
     pg.mouse.click(*page_xy(pg, *CELL))
     wait_for(pg, "() => window.lowlabelAnnotate.state().pendingMask")
     assert pg.evaluate(f"window.lowlabelAnnotate.labelAt({CELL[0]}, {CELL[1]})") == 1
@@ -147,7 +150,8 @@ def test_click_brush_save_validate_reload(server, dataset, page, tmp_path):
     assert not state(pg)["pending"] and pg.evaluate(at) == 1
     assert np.array_equal(np.array(pg.evaluate("window.lowlabelAnnotate.label()"), np.uint8).reshape(original.shape), clicked)
 
-    # a brush stroke of class 1 (cell, id 0), 8 px wide, along row 30
+    # a brush stroke of class 1 (cell, id 0), 8 px wide, along row 30, with the whole image in view again
+    pg.keyboard.press("0")
     pg.keyboard.press("1")
     pg.keyboard.press("b")
     pg.mouse.move(*page_xy(pg, *STROKE[0]))

@@ -20,7 +20,7 @@
     cls: 0, tool: "click", brush: 8, opacity: 0.5, showOverlay: true, showUncertainty: false,
     item: null, image: null, uncertainty: null, label: null, base: null, sources: [], source: null,
     pending: null, undo: [], redo: [], clicks: 0, strokes: 0, opened: 0, painting: null, dragBox: null,
-    busy: false, segSeq: 0, weakPoints: [],
+    busy: false, segSeq: 0, weakPoints: [], zoom: 1, pan: [0, 0], panning: null,
   };
 
   // ---- small helpers ------------------------------------------------------------------------
@@ -367,9 +367,30 @@
     const f = Math.max(0.05, Math.min(availW / S.item.width, availH / S.item.height));
     view.style.width = `${Math.floor(S.item.width * f)}px`;
     view.style.height = `${Math.floor(S.item.height * f)}px`;
-    render();
+    S.zoom = 1; S.pan = [0, 0];
+    transform();
   }
   window.addEventListener("resize", fit);
+
+  // zoom (mouse wheel, about the cursor; 0 fits again) and pan (middle button, or Space + drag)
+  function transform() {
+    view.style.transformOrigin = "0 0";
+    view.style.transform = `translate(${S.pan[0]}px, ${S.pan[1]}px) scale(${S.zoom})`;
+    render();
+  }
+  $("stage").addEventListener("wheel", (ev) => {
+    if (!S.item) return;
+    ev.preventDefault();
+    const r = $("stage").getBoundingClientRect();
+    const mx = ev.clientX - r.left, my = ev.clientY - r.top;
+    const z = Math.min(32, Math.max(1, S.zoom * Math.exp(-ev.deltaY / 500)));
+    S.pan = [mx - ((mx - S.pan[0]) * z) / S.zoom, my - ((my - S.pan[1]) * z) / S.zoom];
+    S.zoom = z;
+    if (z === 1) S.pan = [0, 0];
+    transform();
+  }, { passive: false });
+  let spaceDown = false;
+  document.addEventListener("keyup", (ev) => { if (ev.key === " ") spaceDown = false; });
 
   // ---- input --------------------------------------------------------------------------------
   function at(ev) {
@@ -380,7 +401,14 @@
   }
   view.addEventListener("contextmenu", (ev) => ev.preventDefault());
   view.addEventListener("pointerdown", (ev) => {
-    if (!S.item || S.busy) return;
+    if (!S.item) return;
+    if (ev.button === 1 || (spaceDown && ev.button === 0)) {  // pan
+      ev.preventDefault();
+      S.panning = { x: ev.clientX, y: ev.clientY, pan: S.pan.slice() };
+      view.setPointerCapture(ev.pointerId);
+      return;
+    }
+    if (S.busy) return;
     const [x, y] = at(ev);
     if (S.tool === "click") {
       prompt(x, y, ev.button !== 2 && !ev.shiftKey);
@@ -406,10 +434,15 @@
     }
   });
   view.addEventListener("pointermove", (ev) => {
-    if (S.painting) strokeTo(...at(ev));
+    if (S.panning) {
+      const p = S.panning;
+      S.pan = [p.pan[0] + ev.clientX - p.x, p.pan[1] + ev.clientY - p.y];
+      transform();
+    } else if (S.painting) strokeTo(...at(ev));
     else if (S.dragBox) { const [x, y] = at(ev); S.dragBox[2] = x; S.dragBox[3] = y; render(); }
   });
   const end = () => {
+    S.panning = null;
     if (S.painting) { S.painting = null; buttons(); }
     if (S.dragBox) {
       const [a, b, c, d] = S.dragBox;
@@ -459,6 +492,8 @@
     else if (k === "-") { S.opacity = Math.max(0, S.opacity - 0.1); $("opacity").value = Math.round(100 * S.opacity); render(); }
     else if (k === "=" || k === "+") { S.opacity = Math.min(1, S.opacity + 0.1); $("opacity").value = Math.round(100 * S.opacity); render(); }
     else if (k === "?") $("help").showModal();
+    else if (k === " ") spaceDown = true;
+    else if (k === "0") fit();
     else if (/^[1-9]$/.test(k)) setClass(Number(k) - 1);
     else handled = false;
     if (handled) ev.preventDefault();
