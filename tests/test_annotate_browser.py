@@ -225,3 +225,80 @@ def test_points_without_a_segmenter_save_as_weak_labels(shared_datasets, tmp_pat
     finally:
         box["server"].should_exit = True
         t.join(15)
+
+
+def _serve(store, assistant=None, predictions=None):
+    box, ready = {}, threading.Event()
+    t = threading.Thread(target=serve, args=(store, assistant, predictions),
+                         kwargs={"port": 0, "on_ready": lambda u, s: (box.update(url=u, server=s), ready.set())}, daemon=True)
+    t.start()
+    assert ready.wait(30), "the server did not start"
+    return box, t
+
+
+def test_a_run_prediction_and_its_uncertainty_on_the_page(tmp_path, page):
+    from lowlabel import fit
+    from lowlabel.config import load_config
+
+    from .conftest import make_dataset, tiny_config
+
+    data = make_dataset(tmp_path / "tiny", n=6, size=(48, 64))
+    run = fit(load_config(raw=tiny_config(data, tmp_path / "runs", "supervised", "none", iterations=2)), progress=False)
+    store, _, predictions, _ = open_session(data, run=run.run_dir, segmenter="none")
+    box, t = _serve(store, None, predictions)
+    try:
+        pg = page
+        pg.goto(box["url"])
+        wait_open(pg, "img00")
+        assert state(pg)["source"] == "prediction" and state(pg)["uncertainty"]
+        shown = np.array(pg.evaluate("window.lowlabelAnnotate.label()"), np.uint8).reshape(48, 64)
+        assert np.array_equal(shown, run.predict(data / "images" / "img00.png").labels)
+        expected = predictions.get("img00", data / "images" / "img00.png")[1]
+        assert pg.evaluate("window.lowlabelAnnotate.uncertaintyAt(10, 20)") == int(expected[20, 10])
+        pg.keyboard.press("u")
+        assert state(pg)["showUncertainty"]
+        assert state(pg)["tool"] == "brush"  # no segmenter: the page starts with the brush
+    finally:
+        box["server"].should_exit = True
+        t.join(15)
+
+
+def test_a_page_of_another_origin_cannot_write(dataset, page, tmp_path):
+    """A page the user has open on another site posts to the annotate server: a simple no-cors
+    POST (no preflight) is sent with that site's Origin and no token, and refused (or blocked by
+    the browser itself); one with the token header needs a preflight, which the server never
+    grants; a cross-origin read is blocked. Nothing is written."""
+    import functools
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    store, _, _, _ = open_session(dataset, segmenter="none")
+    box, t = _serve(store)
+    (tmp_path / "evil").mkdir()
+    (tmp_path / "evil" / "index.html").write_text("<!doctype html><title>another site</title>")
+    evil = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(SimpleHTTPRequestHandler, directory=str(tmp_path / "evil")))
+    et = threading.Thread(target=evil.serve_forever, daemon=True)
+    et.start()
+    before = (dataset / "masks" / "slice00.png").read_bytes()
+    try:
+        pg = page
+        pg.goto(f"http://localhost:{evil.server_address[1]}/")
+        url = box["url"] + "api/items/slice00/mask"
+        outcome = pg.evaluate("""async (url) => {
+            const png = new Uint8Array([137, 80, 78, 71, 13, 10, 26, 10]);
+            const out = {};
+            try { const r = await fetch(url, {method: "POST", mode: "no-cors", body: png, headers: {"Content-Type": "text/plain"}}); out.simple = r.type; }
+            catch (e) { out.simple = "error"; }
+            try { const r = await fetch(url, {method: "POST", body: png, headers: {"Content-Type": "image/png", "X-Lowlabel-Token": "guess"}}); out.preflighted = r.status; }
+            catch (e) { out.preflighted = "blocked"; }
+            try { const r = await fetch(url.replace(/mask$/, ""), {mode: "cors"}); out.read = r.status; }
+            catch (e) { out.read = "blocked"; }
+            return out;
+        }""", url)
+        assert outcome["simple"] in ("opaque", "error")  # sent, its answer hidden from the page
+        assert outcome["preflighted"] == "blocked" and outcome["read"] == "blocked", outcome
+    finally:
+        evil.shutdown()
+        box["server"].should_exit = True
+        t.join(15)
+    assert (dataset / "masks" / "slice00.png").read_bytes() == before
+    assert not (dataset / "splits" / "corrected.txt").exists() and not (dataset / "splits" / "corrected.log.json").exists()

@@ -554,7 +554,9 @@
   // read-only view of the state, for the browser tests and the console
   window.lowlabelAnnotate = {
     state: () => ({ id: S.item && S.item.id, tool: S.tool, cls: S.cls, clicks: S.clicks, strokes: S.strokes, busy: S.busy,
-                    pending: !!S.pending, pendingMask: !!(S.pending && S.pending.mask), source: S.source, done: [...S.done] }),
+                    pending: !!S.pending, pendingMask: !!(S.pending && S.pending.mask), source: S.source, done: [...S.done],
+                    uncertainty: !!S.uncertainty, showUncertainty: S.showUncertainty, zoom: S.zoom }),
+    uncertaintyAt: (x, y) => S.uncertainty[Math.floor(y) * S.item.width + Math.floor(x)],
     labelAt: (x, y) => {
       const i = Math.floor(y) * S.item.width + Math.floor(x);
       return S.pending && S.pending.mask && S.pending.mask[i] ? S.pending.cls : S.label[i];
