@@ -190,7 +190,7 @@ def test_the_sam_labels_are_saved_and_restored_with_the_method():
     m = build_method("sesam_ssl", {}, num_classes=NUM_CLASSES)
     m.bank, m.seen = {"a": torch.arange(6, dtype=torch.uint8).view(2, 3)}, {"a": 3}
     state = m.state_dict()
-    assert set(state) == {"bank.a", "seen.a"}
+    assert set(state) == {"bank.a", "seen.a", "base.selection.steps"}  # and the base's pseudo-label selection (its step counter)
     other = build_method("sesam_ssl", {}, num_classes=NUM_CLASSES)
     other.load_state_dict(state)
     assert torch.equal(other.bank["a"], m.bank["a"]) and other.seen == {"a": 3}

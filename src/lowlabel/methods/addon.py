@@ -30,24 +30,26 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import Field, model_validator
 
-from .base import LossParams, Method, StepOutput, WeakToStrong
+from .base import Method, StepOutput, WeakToStrong
 from .fixmatch import FixMatch
+from .selection import SelectionParams
 from .unimatch import UniMatch
 
 BASES: dict[str, type[WeakToStrong]] = {"fixmatch": FixMatch, "unimatch": UniMatch}
+SHARED = ("threshold", "labeled_loss", "unlabeled_loss", "selection", "selection_momentum", "unlabeled_ramp")  # set on the add-on, passed to its base
 
 
-class AddOnParams(LossParams):
+class AddOnParams(SelectionParams):
     base: Literal["fixmatch", "unimatch"] = "unimatch"  # each add-on sets its paper's base as the default
-    threshold: float = Field(0.95, ge=0, le=1)  # the base's confidence threshold (FixMatch / UniMatch: 0.95)
+    # threshold (the base's confidence threshold, 0.95), selection, selection_momentum, unlabeled_ramp: the base's (SelectionParams)
     base_params: dict[str, Any] = Field(default_factory=dict)  # the base's other parameters (weights, fp_dropout, strong_views)
 
     def base_config(self) -> dict:
-        return {"threshold": self.threshold, "labeled_loss": self.labeled_loss, "unlabeled_loss": self.unlabeled_loss, **self.base_params}
+        return {**{k: getattr(self, k) for k in SHARED}, **self.base_params}
 
     @model_validator(mode="after")
     def _valid_base(self):
-        shared = {"threshold", "labeled_loss", "unlabeled_loss"} & set(self.base_params)
+        shared = set(SHARED) & set(self.base_params)
         if shared:
             raise ValueError(f"base_params: set {sorted(shared)} as the method's own parameters, not in base_params")
         BASES[self.base].Params(**self.base_config())  # unknown or invalid base parameters fail here

@@ -316,6 +316,13 @@ class Targets:
     conf: torch.Tensor
     pseudo: torch.Tensor
     keep: torch.Tensor
+    weight: torch.Tensor | None = None  # soft per-pixel weights (selection softmatch), else None
+
+    @property
+    def loss_mask(self) -> torch.Tensor:
+        """What the unlabeled pixel losses weigh each pixel by: ``weight`` where the selection is
+        soft, else ``keep``."""
+        return self.keep if self.weight is None else self.weight
 
 
 @dataclass
@@ -362,6 +369,13 @@ class WeakToStrong(Method):
 
     uses_unlabeled = True
     default_teacher = "self"
+
+    def __init__(self, params=None, *, num_classes: int, model=None):
+        super().__init__(params, num_classes=num_classes, model=model)
+        from .selection import Selection
+
+        self.selection = Selection(self.p, num_classes)  # fixed threshold, or an adaptive rule (lowlabel.methods.selection)
+        self._ramp = 1.0  # this step's unlabeled ramp-up factor (set by pseudo_targets)
 
     @property
     @abc.abstractmethod
@@ -414,9 +428,13 @@ class WeakToStrong(Method):
 
     def pseudo_targets(self, weak_logits: torch.Tensor, valid: torch.Tensor) -> Targets:
         """FixMatch/UniMatch pseudo-labels: the argmax of the weak view's (float32) softmax,
-        kept where its confidence reaches ``threshold`` on valid pixels."""
+        kept where its confidence reaches ``threshold`` on valid pixels (``selection: fixed``), or
+        as an adaptive rule selects them (:mod:`lowlabel.methods.selection`). Called once per
+        step: it advances the rule's running statistics and the unlabeled ramp-up."""
         probs, conf, pseudo = pseudo_labels(weak_logits)
-        return Targets(probs, conf, pseudo, (conf >= self.p.threshold) & valid)
+        keep, weight = self.selection.select(probs, conf, pseudo, valid)
+        self._ramp = self.selection.ramp()
+        return Targets(probs, conf, pseudo, keep, weight)
 
     def output(self, step: BaseStep, targets: Targets, labeled: LabeledTerms | None = None) -> StepOutput:
         """The base's terms on ``targets`` (with ``labeled``, another labeled side's weighted
@@ -425,6 +443,7 @@ class WeakToStrong(Method):
         terms, logged = self.base_terms(step, targets, labeled)
         plain = step.plain
         metrics = pseudo_label_metrics(plain.pseudo, plain.conf, step.valid, self.p.threshold, step.unlabeled.get("gt"))
+        metrics.update(self.selection.metrics(plain.keep, plain.weight, step.valid))
         return StepOutput({"loss": sum(terms.values()), **logged}, metrics, terms)
 
     def training_step(self, student, teacher, labeled, unlabeled, ctx):

@@ -11,15 +11,13 @@ code with ``method.params.base: fixmatch`` and adds its terms.
 
 from __future__ import annotations
 
-from pydantic import Field
+from .base import BaseStep, WeakToStrong, kept_pseudo_loss
+from .selection import SelectionParams
 
-from .base import BaseStep, LossParams, WeakToStrong, kept_pseudo_loss
 
-
-class FixMatchParams(LossParams):
-    threshold: float = Field(0.95, ge=0, le=1)  # FixMatch sec. 3.2 / UniMatch configs: tau = 0.95
+class FixMatchParams(SelectionParams):
+    # threshold (tau = 0.95, FixMatch sec. 3.2), selection, unlabeled_ramp: SelectionParams
     weight_u: float = 1.0  # lambda_u = 1 (FixMatch); the total is then halved as in UniMatch's code
-
 
 class FixMatch(WeakToStrong):
     Params = FixMatchParams
@@ -41,6 +39,6 @@ class FixMatch(WeakToStrong):
         terms_x, logged_x = self.labeled_term(step) if labeled is None else labeled
         valid = step.valid
         v = step.strong[0]
-        loss_s = kept_pseudo_loss(v.out.logits, v.mix(targets.pseudo), v.mix(targets.keep), v.mix(valid), self.p.unlabeled_loss)
-        terms = {**terms_x, "s": self.p.weight_u * loss_s / 2.0}
+        loss_s = kept_pseudo_loss(v.out.logits, v.mix(targets.pseudo), v.mix(targets.loss_mask), v.mix(valid), self.p.unlabeled_loss)
+        terms = {**terms_x, "s": self._ramp * self.p.weight_u * loss_s / 2.0}
         return terms, {**logged_x, "loss_s": loss_s.detach()}

@@ -25,15 +25,15 @@ from pydantic import Field
 
 from .base import (
     BaseStep,
-    LossParams,
     WeakToStrong,
     kept_pseudo_loss,
     run_net,
 )
+from .selection import SelectionParams
 
 
-class UniMatchParams(LossParams):
-    threshold: float = Field(0.95, ge=0, le=1)  # UniMatch configs (pascal/cityscapes/acdc): conf_thresh 0.95
+class UniMatchParams(SelectionParams):
+    # threshold: UniMatch configs (pascal/cityscapes/acdc) conf_thresh 0.95; selection, unlabeled_ramp: SelectionParams
     fp_dropout: float = Field(0.5, ge=0, lt=1)  # UniMatch sec. 3.2: nn.Dropout2d(0.5)
     weight_x: float = 0.5  # UniMatch code: (loss_x + ...) / 2
     weight_s: float = 0.125  # each strong view: 0.25 / 2
@@ -77,9 +77,9 @@ class UniMatch(WeakToStrong):
     def base_terms(self, step, targets, labeled=None):
         valid = step.valid
         kind = self.p.unlabeled_loss
-        losses_s = [kept_pseudo_loss(v.out.logits, v.mix(targets.pseudo), v.mix(targets.keep), v.mix(valid), kind) for v in step.strong]
+        losses_s = [kept_pseudo_loss(v.out.logits, v.mix(targets.pseudo), v.mix(targets.loss_mask), v.mix(valid), kind) for v in step.strong]
         terms_x, logged_x = self.labeled_term(step) if labeled is None else labeled
-        loss_fp = kept_pseudo_loss(step.fp, targets.pseudo, targets.keep, valid, kind)
-        terms = {**terms_x, "s": self.p.weight_s * sum(losses_s), "fp": self.p.weight_fp * loss_fp}
+        loss_fp = kept_pseudo_loss(step.fp, targets.pseudo, targets.loss_mask, valid, kind)
+        terms = {**terms_x, "s": self._ramp * self.p.weight_s * sum(losses_s), "fp": self._ramp * self.p.weight_fp * loss_fp}
         logged = {**logged_x, "loss_s": (sum(losses_s) / len(losses_s)).detach(), "loss_fp": loss_fp.detach()}
         return terms, logged
