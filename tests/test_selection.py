@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from lowlabel.methods import build_method
-from lowlabel.methods.base import kept_pseudo_loss
-from lowlabel.methods.selection import Selection, SelectionParams, ramp_up
+from lowlabel.methods.base import SelectionParams, kept_pseudo_loss
+from lowlabel.methods.selection import Selection, ramp_up
 
 
 def _maps(conf_rows, classes=3):

@@ -30,9 +30,8 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import Field, model_validator
 
-from .base import Method, StepOutput, WeakToStrong
+from .base import Method, SelectionParams, StepOutput, WeakToStrong
 from .fixmatch import FixMatch
-from .selection import SelectionParams
 from .unimatch import UniMatch
 
 BASES: dict[str, type[WeakToStrong]] = {"fixmatch": FixMatch, "unimatch": UniMatch}

@@ -44,11 +44,12 @@ from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from ..augment.transforms import mix
 from ..data.dataset import IGNORE_INDEX
+from .selection import Selection
 
 
 class MethodParams(BaseModel):
@@ -62,6 +63,16 @@ class LossParams(MethodParams):
 
     labeled_loss: Literal["ce", "ce_dice"] = "ce"  # ce_dice: (CE + Dice) / 2
     unlabeled_loss: Literal["ce", "dice"] = "ce"  # dice: Dice on softmax, low-confidence pixels ignored
+
+
+class SelectionParams(LossParams):
+    """The pseudo-label selection of the weak-to-strong bases (shared by FixMatch, UniMatch and the
+    add-ons built on them)."""
+
+    threshold: float = Field(0.95, ge=0, le=1)  # FixMatch sec. 3.2 / UniMatch configs: tau = 0.95
+    selection: Literal["fixed", "flexmatch", "freematch", "softmatch"] = "fixed"  # lowlabel.methods.selection
+    selection_momentum: float = Field(0.999, ge=0, lt=1)  # FreeMatch / SoftMatch: 0.999
+    unlabeled_ramp: int = Field(0, ge=0)  # iterations of the sigmoid ramp-up of the unlabeled terms (0: off)
 
 
 @dataclass
@@ -372,8 +383,6 @@ class WeakToStrong(Method):
 
     def __init__(self, params=None, *, num_classes: int, model=None):
         super().__init__(params, num_classes=num_classes, model=model)
-        from .selection import Selection
-
         self.selection = Selection(self.p, num_classes)  # fixed threshold, or an adaptive rule (lowlabel.methods.selection)
         self._ramp = 1.0  # this step's unlabeled ramp-up factor (set by pseudo_targets)
 

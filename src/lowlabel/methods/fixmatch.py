@@ -11,8 +11,7 @@ code with ``method.params.base: fixmatch`` and adds its terms.
 
 from __future__ import annotations
 
-from .base import BaseStep, WeakToStrong, kept_pseudo_loss
-from .selection import SelectionParams
+from .base import BaseStep, SelectionParams, WeakToStrong, kept_pseudo_loss
 
 
 class FixMatchParams(SelectionParams):

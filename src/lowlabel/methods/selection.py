@@ -41,25 +41,12 @@ for image classification inside their training loops; they are a few lines over 
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
-from pydantic import Field
 from torch import nn
 
-from .base import LossParams
 
 RULES = ("fixed", "flexmatch", "freematch", "softmatch")
-
-
-class SelectionParams(LossParams):
-    """The pseudo-label selection of the weak-to-strong bases (shared by FixMatch, UniMatch and the
-    add-ons built on them)."""
-
-    threshold: float = Field(0.95, ge=0, le=1)  # FixMatch sec. 3.2 / UniMatch configs: tau = 0.95
-    selection: Literal["fixed", "flexmatch", "freematch", "softmatch"] = "fixed"  # see lowlabel.methods.selection
-    selection_momentum: float = Field(0.999, ge=0, lt=1)  # FreeMatch / SoftMatch: 0.999
-    unlabeled_ramp: int = Field(0, ge=0)  # iterations of the sigmoid ramp-up of the unlabeled terms (0: off)
 
 
 def ramp_up(step: int, length: int) -> float:
@@ -73,7 +60,8 @@ class Selection(nn.Module):
     """A selection rule with its running statistics (buffers). :meth:`select` is called once per
     training step with the weak view's probabilities."""
 
-    def __init__(self, p: SelectionParams, num_classes: int):
+    def __init__(self, p, num_classes: int):
+        """``p``: the method's parameters (:class:`~lowlabel.methods.base.SelectionParams`)."""
         super().__init__()
         self.rule, self.tau, self.m, self.ramp_length = p.selection, float(p.threshold), float(p.selection_momentum), int(p.unlabeled_ramp)
         c = num_classes

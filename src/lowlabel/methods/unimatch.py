@@ -25,11 +25,11 @@ from pydantic import Field
 
 from .base import (
     BaseStep,
+    SelectionParams,
     WeakToStrong,
     kept_pseudo_loss,
     run_net,
 )
-from .selection import SelectionParams
 
 
 class UniMatchParams(SelectionParams):
