@@ -47,3 +47,18 @@ def test_a_reference_that_cannot_compare_is_a_one_line_error(tiny_dataset, tmp_p
         _fit(tiny_dataset, tmp_path / "r5", method="fixmatch", train={"reference": str(ref)}, data={"labeled": "3"})
     with pytest.raises(ConfigError, match="at each validation"):
         _fit(tiny_dataset, tmp_path / "r6", method="fixmatch", train={"reference": str(ref), "val_every": 0})
+
+
+def test_reference_auto_trains_the_labeled_only_run_first(tiny_dataset, tmp_path):
+    import yaml
+
+    run = _fit(tiny_dataset, tmp_path / "runs", method="fixmatch", train={"reference": "auto", "reference_iterations": 2})
+    ref = tmp_path / "runs" / f"{run.name}-labeled-only"
+    ref_cfg = yaml.safe_load((ref / "config.yaml").read_text())
+    assert ref_cfg["method"]["name"] == "supervised" and ref_cfg["teacher"]["kind"] == "none" and ref_cfg["train"]["iterations"] == 2
+    assert (ref / "splits" / "labeled.txt").read_text() == (run / "splits" / "labeled.txt").read_text()
+    rec = json.loads((run / "summary.json").read_text())["reference"]
+    assert rec["run"] == str(ref) and rec["method"] == "supervised"
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["reference"] == str(ref)  # the run names what it was held against
+    with pytest.raises(ConfigError, match="labeled-only itself"):
+        _fit(tiny_dataset, tmp_path / "r2", train={"reference": "auto"})

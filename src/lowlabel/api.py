@@ -60,6 +60,31 @@ def resume_config(run_dir: Path, config: Config | str | Path | None = None, over
     return new, changed
 
 
+def _with_auto_reference(cfg: Config, progress: bool) -> Config:
+    """``train.reference: auto``: the labeled-only run of this config (method ``supervised`` with
+    its labeled loss, no teacher, the same data, model, schedule and seed; ``train.reference_iterations``
+    if set), trained first as ``<name>-labeled-only`` beside the run (or reused when a finished one is
+    there); the config then names its directory."""
+    from .engine.reference import LABELED_ONLY_METHODS
+
+    if cfg.method.name in LABELED_ONLY_METHODS:
+        raise ConfigError(f"train.reference=auto: {cfg.method.name} is labeled-only itself; a reference is for a semi-supervised run")
+    name = f"{cfg.name}-labeled-only"
+    ref_dir = Path(cfg.out_dir) / name
+    if not (ref_dir / "summary.json").is_file():
+        params = {k: v for k, v in cfg.method.params.items() if k == "labeled_loss"}
+        ref = cfg.model_copy(deep=True, update={"name": name})
+        ref.method = ref.method.model_copy(update={"name": "supervised", "params": params})
+        ref.teacher = ref.teacher.model_copy(update={"kind": "none"})
+        ref.train = ref.train.model_copy(update={"reference": None, "iterations": cfg.train.reference_iterations or cfg.train.iterations})
+        ref = Config.model_validate(ref.model_dump())
+        if (ref_dir / "checkpoints" / "last.pt").is_file():
+            Trainer(ref, run_dir=ref_dir, resume=True, progress=progress).fit()
+        else:
+            Trainer(ref, progress=progress).fit()
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"reference": str(ref_dir)})})
+
+
 def fit(config: Config | str | Path | None = None, *, resume: str | Path | None = None, overrides=(), progress: bool = True) -> Run:
     """Train a config (a :class:`Config` or a YAML path) and return the :class:`Run`.
 
@@ -85,6 +110,8 @@ def fit(config: Config | str | Path | None = None, *, resume: str | Path | None 
         if config is None:
             raise ValueError("give a config or resume=RUN_DIR")
         cfg = config if isinstance(config, Config) else load_config(config, overrides)
+        if cfg.train.reference == "auto":
+            cfg = _with_auto_reference(cfg, progress)
         trainer = Trainer(cfg, progress=progress)
     trainer.fit()
     return Run.load(trainer.run_dir, device=str(trainer.device))

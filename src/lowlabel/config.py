@@ -146,7 +146,8 @@ class TrainConfig(_Strict):
     deterministic: bool = False
     select: Literal["miou", "dice_mean", "ap", "ap50"] = Field("miou", description="validation metric that picks the best checkpoint (miou / dice_mean: semantic runs; ap / ap50: instance runs, where the default miou means ap)")
     grad_norm_every: int = Field(0, ge=0, description="every N steps, log the encoder gradient norm of each weighted loss term (0: off)")
-    reference: str | None = Field(None, description="a labeled-only run directory (method supervised) of the same dataset, labeled set and validation split: every validation says whether this run is above its best validation score, and summary.json whether semi-supervision helped and which model to keep (lowlabel.engine.reference)")
+    reference: str | None = Field(None, description="a labeled-only run directory (method supervised) of the same dataset, labeled set and validation split, or auto (train that run first, as <name>-labeled-only): every validation says whether this run is above its best validation score, and summary.json whether semi-supervision helped and which model to keep (lowlabel.engine.reference)")
+    reference_iterations: int | None = Field(None, ge=1, description="with train.reference auto: the labeled-only run's iterations (default: train.iterations)")
 
     @field_validator("amp")
     @classmethod
