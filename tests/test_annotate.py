@@ -341,6 +341,8 @@ def test_queue_files(data, tmp_path):
     assert store.order == ["img02", "img00"]
     (tmp_path / "next.images.txt").write_text("img01\nimg03\n")  # suggest --group-by: the images of the cases
     assert queue_ids(tmp_path / "next.txt") == ["img01", "img03"]
+    (tmp_path / "win.txt").write_text("img03@32,0,32,32\nimg01@0,0,32,32\nimg03@0,0,32,32\n")  # suggest --tile: windows
+    assert queue_ids(tmp_path / "win.txt") == ["img03", "img01"]
     (data / "splits" / "unlabeled.txt").write_text("img03\n")
     assert open_session(data, segmenter="none")[0].order == ["img03"]
     (tmp_path / "bad.txt").write_text("img00\nimg05\n")  # img05 is a test image

@@ -81,10 +81,15 @@ def default_queue(root: Path, run_dir: Path | None = None) -> tuple[list[str], s
 
 def queue_ids(queue: str | os.PathLike) -> list[str]:
     """The ids of a queue file. ``suggest --group-by`` writes case ids to ``next.txt`` and their
-    images to ``next.images.txt`` beside it: that file is used when it exists."""
+    images to ``next.images.txt`` beside it: that file is used when it exists. ``suggest --tile``
+    writes windows (``IMAGE@X,Y,W,H``): the page edits whole masks, so each window's image is
+    queued once, in the order of its first window."""
+    from ..label.tiles import parse_tile_id
+
     queue = Path(queue)
     images = queue.with_name(queue.stem + ".images.txt")
-    return read_ids(images if images.is_file() else queue)
+    ids = read_ids(images if images.is_file() else queue)
+    return list(dict.fromkeys((parse_tile_id(i) or (i,))[0] for i in ids))
 
 
 class AnnotationStore:
