@@ -185,12 +185,14 @@ def validate_dataset(
     if not split_files:
         problems.append(Problem(str(split_dir), "no split files (train.txt, val.txt, test.txt)"))
     listed: set[str] = set()
+    lists: dict[Path, list[str]] = {}  # every split file read (the supervision below uses them)
     for sf in split_files:
         try:
             ids = read_ids(sf)
         except DatasetError as err:
             problems.append(Problem(err.path, err.problem))
             continue
+        lists[sf] = ids
         listed.update(ids)
         if not ids:
             what = "labeled set" if sf.stem == "labeled" else "split"
@@ -204,18 +206,26 @@ def validate_dataset(
 
     supervision = None
     if "labeled" in roles:
-        try:
-            lab_ids = read_ids(roles["labeled"])
-            unl_ids = read_ids(roles["unlabeled"]) if "unlabeled" in roles else [i for i in read_ids(split_dir / f"{train_split}.txt") if i not in set(lab_ids)]
-        except DatasetError:
-            pass  # the unreadable list is reported above (or here: the train split)
-        else:
+        train_file = split_dir / f"{train_split}.txt"
+        lab_ids = lists.get(roles["labeled"])  # an unreadable list was reported above
+        if "unlabeled" in roles:
+            unl_ids = lists.get(roles["unlabeled"])
+        else:  # the rest of the train split (a missing one is reported below)
+            train_ids = lists.get(train_file)
+            if train_ids is None and train_file.is_file():
+                try:
+                    train_ids = read_ids(train_file)
+                except DatasetError as err:
+                    problems.append(Problem(err.path, err.problem))
+            labeled_set = set(lab_ids or ())
+            unl_ids = None if train_ids is None or lab_ids is None else [i for i in train_ids if i not in labeled_set]
+        if lab_ids is not None and unl_ids is not None:
             sup_problems = supervision_problems(info, lab_ids, unl_ids, weak)
             problems += sup_problems
             if not any("names no weak labels" in p.problem for p in sup_problems):
                 supervision = Supervision(weak or dense_labels(info), len(lab_ids), len(unl_ids), count_cases(lab_ids, case_pattern), count_cases(unl_ids, case_pattern))
-        if "unlabeled" not in roles and not (split_dir / f"{train_split}.txt").is_file():
-            problems.append(Problem(str(split_dir / f"{train_split}.txt"), "split file not found (the unlabeled images are the rest of it)"))
+        if "unlabeled" not in roles and not train_file.is_file():
+            problems.append(Problem(str(train_file), "split file not found (the unlabeled images are the rest of it)"))
 
     class_pixels = np.zeros(info.num_classes + 1, dtype=np.int64)  # last bin: ignore
     checked = 0
