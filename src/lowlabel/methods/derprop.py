@@ -87,9 +87,14 @@ Interpretations and deviations (stated):
   are mixed with the same box (at feature resolution for V^w), so S^s and S^GT compare the same
   pixels.
 - J is Conv1x1-BN-ReLU-Conv1x1 to ``proj_dim`` channels (the paper shows J only as a block in
-  Fig. 2 and gives no D): 64 by default, as J now runs at full resolution (the labeled, weak and
-  strong views of ACDC's batch are 40 maps of 128^2). J runs on the labeled and weak features
-  together (one BatchNorm batch) and on each strong view.
+  Fig. 2 and gives no D). Default: the features' own channel count, at most 64 (16 on ACDC's
+  ``unet2d`` width 16, whose decoder features have 16 channels; 64 on DeepLabV3+'s 256). J runs at
+  full resolution on the labeled, weak and strong views (ACDC's batch: 40 maps of 128^2), so D sets
+  much of DerProp's cost: derprop_unimatch on acdc-cpu-1500, one thread beside a second cell, 9.0
+  s/step with D = 64 (the earlier default), 6.6 with 32, 5.3 with 16 (medians of 6 steps each,
+  2026-12-03: benchmarks/probes/derprop_cost.py, benchmarks/results/derprop-cost). S = V^T V has
+  rank <= D, and D = 16 is four times the classes' 4. J runs on the labeled and weak features together (one BatchNorm batch) and on each
+  strong view.
 
 The step logs, besides the losses, pseudo-label quality against the unlabeled images' diagnostic
 masks (``data.unlabeled_gt``), all on valid pixels: ``acc_`` / ``miou_`` of the plain, propagated
@@ -141,7 +146,7 @@ class DerPropParams(AddOnParams):
     kl: bool = True  # L^KL of eq. 7 (off: with dlp off too, DerProp is its base)
     # deviation (paper: F4, the backbone's block 4): the decoder's features, where ACDC's classes survive
     feature_source: Literal["decoder", "bottleneck"] = "decoder"
-    proj_dim: int = Field(64, ge=3)  # J's D: not given in the paper
+    proj_dim: int | None = Field(None, ge=3)  # J's D, not given in the paper; None: the features' channels, at most 64
     der_pixels: int = Field(441, ge=4)  # L^Der's pixel pairs: a grid of at most this many pixels (21^2)
     max_feature_pixels: int = 4096  # the M x M matrices of propagation_norm "row" are refused above this
     # deviation (paper, eq. 4: "none", a sum whose scale grows with M): target pixel j divided by
@@ -275,9 +280,10 @@ class DerProp(AddOn):
             cin = model.feature_channels
         else:
             cin = model.encoder.out_channels[-1]
+        d = self.p.proj_dim or min(64, cin)
         self.projection = nn.Sequential(  # J
-            nn.Conv2d(cin, self.p.proj_dim, 1, bias=False), nn.BatchNorm2d(self.p.proj_dim), nn.ReLU(inplace=True),
-            nn.Conv2d(self.p.proj_dim, self.p.proj_dim, 1),
+            nn.Conv2d(cin, d, 1, bias=False), nn.BatchNorm2d(d), nn.ReLU(inplace=True),
+            nn.Conv2d(d, d, 1),
         )
 
     # -------------------------------------------------------------- pieces
