@@ -97,6 +97,27 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+def _cmd_calibrate(args) -> int:
+    from .engine.run import Run
+    from .eval.calibration import calibration_table, plot_reliability
+    from .utils import atomic_write_json, console
+
+    run = Run.load(args.target, device=args.device, precision=args.precision)
+    summary = run.calibrate(args.data, split=args.split, unlabeled=args.unlabeled, bins=args.bins, threshold=args.threshold,
+                            max_images=args.max_images, progress=True)
+    out = Path(args.out) if args.out else run.run_dir / f"calibration-{'unlabeled' if args.unlabeled else args.split}"
+    title = f"{summary['dataset']} / {summary['split']}" + ("" if args.unlabeled else f" ({summary['images']} images)")
+    summary["plot"] = str(plot_reliability(summary, out / "reliability.png", title=title))
+    atomic_write_json(out / "calibration.json", summary)
+    if args.json:
+        args.json_result = summary
+        return 0
+    console().print(calibration_table(summary, title))
+    print(f"calibration -> {out / 'calibration.json'}")
+    print(f"reliability diagram -> {summary['plot']}")
+    return 0
+
+
 def _cmd_fit(args) -> int:
     from .api import fit
     from .config import load_config
@@ -418,6 +439,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="write the metrics as JSON here")
     e.add_argument("--json", action="store_true", help="print the metrics as JSON on stdout instead of the table (progress goes to stderr)")
     e.set_defaults(func=_cmd_evaluate)
+
+    ca = sub.add_parser("calibrate", help="how far a run's confidences can be trusted: reliability diagram, ECE, and what a pseudo-label threshold keeps per class")
+    ca.add_argument("target", help="a run directory or a checkpoint file")
+    ca.add_argument("--data", help="dataset folder (default: the run's own dataset)")
+    ca.add_argument("--split", default="val", help="labeled split to score (default val)")
+    ca.add_argument("--unlabeled", action="store_true", help="score the run's own unlabeled images (splits/unlabeled.txt) against their masks, where the dataset has them: the source of its pseudo-labels")
+    ca.add_argument("--bins", type=int, default=15, help="equal-width confidence bins (default 15)")
+    ca.add_argument("--threshold", type=float, default=0.95, help="the pseudo-label confidence threshold to report per class (default 0.95, FixMatch / UniMatch)")
+    ca.add_argument("--max-images", type=int, help="score only the first N images")
+    ca.add_argument("--device", default="auto")
+    ca.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help="numeric precision (default: the run's eval.precision)")
+    ca.add_argument("--out", help="folder for calibration.json and reliability.png (default RUN/calibration-<split>)")
+    ca.add_argument("--json", action="store_true", help="print the result as JSON on stdout instead of the table")
+    ca.set_defaults(func=_cmd_calibrate)
 
     pr = sub.add_parser("predict", help="label masks and colour overlays for a folder of images of any size")
     pr.add_argument("checkpoint", help="a checkpoint file, a run directory, or an exported model (.onnx / TorchScript, with its metadata JSON)")

@@ -320,3 +320,49 @@ class Run(Predictor):
         out = scores.summary(info.classes)
         out.update({"images": len(ds), "split": split, "dataset": info.name})
         return out
+
+    def calibrate(self, data: str | Path | None = None, split: str = "test", *, unlabeled: bool = False, bins: int = 15, threshold: float = 0.95,
+                  max_images: int | None = None, progress: bool = False) -> dict:
+        """How far the evaluated model's confidences can be trusted (:mod:`lowlabel.eval.calibration`):
+        ECE, the reliability bins, and what ``threshold`` keeps per class, on a labeled split, or with
+        ``unlabeled`` on the run's own unlabeled images (``splits/unlabeled.txt``, scored against
+        their masks where the dataset has them: diagnostics of the pseudo-labels' source, as
+        ``data.unlabeled_gt``). ``max_images``: the first N images (in the split's order)."""
+        from ..data.dataset import label_path
+        from ..eval.calibration import Calibration
+
+        if self.task == "instance":
+            raise ValueError("calibrate scores a semantic model's per-pixel confidences; this run is an instance model (use evaluate)")
+        root = data or self.data_root
+        if root is None:
+            raise ValueError("give the dataset folder (--data)")
+        bands, value_range = self.raster_options()
+        if unlabeled:
+            listed = self.run_dir / "splits" / "unlabeled.txt" if self.run_dir else None
+            if listed is None or not listed.is_file():
+                raise FileNotFoundError(f"{self.run_dir}: no splits/unlabeled.txt (a run of a semi-supervised method writes it)")
+            info = require_valid(root, bands=bands, value_range=value_range)
+            all_ids = [s.strip() for s in listed.read_text().splitlines() if s.strip()]
+            ids = [s for s in all_ids if label_path(Path(root) / "masks", s).is_file()]
+            if not ids:
+                raise DatasetError(root, f"none of the run's {len(all_ids)} unlabeled images has a mask in masks/: nothing to score the confidences against")
+            source = f"unlabeled ({len(ids)} of {len(all_ids)} with masks)"
+        else:
+            info = require_valid(root, splits=[split], read_pixels=True, bands=bands, value_range=value_range)
+            ids, source = split, split
+        if info.num_classes != self.num_classes:
+            raise DatasetError(root, f"dataset has {info.num_classes} classes, the model {self.num_classes}")
+        ds = FolderDataset(root, ids, labeled=True, info=info, bands=bands, value_range=value_range)
+        n = len(ds) if max_images is None else min(len(ds), max_images)
+        cal = Calibration(self.num_classes, bins=bins, threshold=threshold)
+        predictor, e = for_eval(self.model, self.eval_cfg), self.eval_cfg
+        with torch.no_grad(), progress_bar("calibrating", n, enabled=progress, transient=True) as adv:
+            for i in range(n):
+                raw = ds.load(i)
+                pred = sliding_window(predictor, raw["image"], self.num_classes, tile=e.tile, overlap=e.overlap, weighting=e.weighting, batch_size=e.batch_size,
+                                      device=self.device, precision=self.precision)
+                cal.update(pred.confidence.astype(np.float32), pred.labels, np.asarray(raw["mask"]))
+                adv()
+        out = cal.summary(info.classes)
+        out.update({"split": source, "dataset": info.name, "checkpoint": str(self.checkpoint) if self.checkpoint else None})
+        return out
