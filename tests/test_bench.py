@@ -36,6 +36,12 @@ def test_two_cell_protocol_runs_resumes_and_reports(tiny_dataset, tmp_path):
     assert "test Dice (%)" in md and "pooled over the split" in md
     assert len(cell["val_history"][0]) == 3  # iteration, mIoU, mean foreground Dice
     assert "| supervised | 2 | 0 |" in md and "| fixmatch | 2 | " in md.split("## Pseudo-labels")[1]
+    cal = cell["unlabeled_calibration"]  # the evaluated model's confidences on the unlabeled images, against their masks
+    unl = (out / "runs" / "fixmatch__2__s0" / "splits" / "unlabeled.txt").read_text().split()
+    assert cal["images"] == len(unl) and 0 <= cal["ece"] <= 100 and set(cal["per_class"]) == {"a", "b", "c"}
+    conf = md.split("## Confidence on the unlabeled images")[1]
+    assert "| fixmatch | 2 | " in conf and "a recall" in conf
+    assert res["rows"][[r["method"] for r in res["rows"]].index("fixmatch")]["calibration"]["ece"] == cal["ece"]
     before = (out / "cells" / "fixmatch__2__s0.json").stat().st_mtime
     assert main(["bench", str(p), "--out", str(out)]) == 0  # finished cells are skipped
     assert (out / "cells" / "fixmatch__2__s0.json").stat().st_mtime == before

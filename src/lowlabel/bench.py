@@ -13,11 +13,18 @@ A protocol (YAML)::
       full: {method: {name: supervised}, fractions: ["1"]}
       ablation: {method: {...}, seeds: [0]}
       scratch: {method: {...}, what: "SSR-SAM recipe, scratch encoder"}   # said beside the row's name in results.md
+    calibration_images: 200     # optional (default 200; 0: off), see below
 
 Each cell runs in its own process (so its peak resident memory is its own), trains, takes the
 best-on-validation checkpoint, evaluates it on ``split`` and writes ``cells/<cell>.json``. A cell
 whose JSON exists is skipped; one with a checkpoint but no JSON is resumed. ``results.json``,
 ``results.md`` (mean ± std over seeds) and the plots are rebuilt from all cell JSONs at the end.
+
+A semantic cell whose run has unlabeled images with masks (a semi-supervised method on a fully
+annotated dataset) also scores its evaluated model's confidences on ``calibration_images`` of them,
+spread over the list (:meth:`lowlabel.engine.run.Run.calibrate`: ECE, and per class what the 0.95
+threshold keeps): the source of its pseudo-labels at the end of training, in results.md's
+"Confidence on the unlabeled images" section.
 """
 
 from __future__ import annotations
@@ -83,7 +90,8 @@ def cells(proto: dict) -> list[dict]:
                 fr = Path(str(frac)).stem if str(frac).endswith(".txt") else str(frac).replace("/", "-")
                 name = f"{mname}__{fr}__s{seed}"
                 raw["name"] = name
-                out.append({"cell": name, "method": mname, "fraction": str(frac), "seed": seed, "raw": raw})
+                out.append({"cell": name, "method": mname, "fraction": str(frac), "seed": seed, "raw": raw,
+                            "calibration_images": int(proto.get("calibration_images", 200))})
     order = {s: i for i, s in enumerate(proto["seeds"])}
     return sorted(out, key=lambda c: order.get(c["seed"], len(order)))
 
@@ -139,6 +147,7 @@ def _run_cell(cell: dict, out_dir: str, split: str, report) -> None:
         t1 = time.time()
         test = run.evaluate(split=split)
         eval_seconds = time.time() - t1
+        calibration = _unlabeled_calibration(run, run_dir, test, cell.get("calibration_images", 200))
         hist, pseudo_acc = [], {}
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         for rec in records:
@@ -170,6 +179,7 @@ def _run_cell(cell: dict, out_dir: str, split: str, report) -> None:
             "images_per_second": round(imgs_per_iter / step, 3) if step else None,
             "eval_seconds": round(eval_seconds, 1),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            **({"unlabeled_calibration": calibration} if calibration else {}),
             "val_history": hist, "pseudo_accuracy_history": pseudo_acc, "device": summary["device"], "torch_threads": torch.get_num_threads(),
             "precision": summary.get("precision"), "channels_last": summary.get("channels_last"),
             "config": cfg.model_dump(mode="json"),
@@ -178,6 +188,24 @@ def _run_cell(cell: dict, out_dir: str, split: str, report) -> None:
         import traceback
 
         report.put({"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()})
+
+
+def _unlabeled_calibration(run, run_dir: Path, test: dict, images: int) -> dict | None:
+    """The evaluated model's calibration on ``images`` of the run's unlabeled images (those with
+    masks), without the per-bin list's empty bins; None for an instance run, a run without
+    unlabeled images or ``images`` 0; ``{"error": ...}`` when the images cannot be scored."""
+    from .errors import DatasetError
+
+    if not images or test.get("task") == "instance" or not (run_dir / "splits" / "unlabeled.txt").is_file():
+        return None
+    t0 = time.time()
+    try:
+        cal = run.calibrate(unlabeled=True, max_images=images)
+    except (DatasetError, FileNotFoundError, ValueError) as err:
+        return {"error": str(err).splitlines()[0][:300]}
+    cal.pop("checkpoint", None)
+    cal["seconds"] = round(time.time() - t0, 1)
+    return cal
 
 
 def run_protocol(path: str | Path, out: str | Path | None = None, only: list[str] | None = None, progress: bool = True,
@@ -278,6 +306,7 @@ def aggregate(out: str | Path, proto: dict | None = None) -> dict:
             "train_minutes": _mean_std([r["train_seconds"] / 60 for r in rs])[0],
             "peak_rss_mb": max(r["peak_rss_mb"] for r in rs),
             "pseudo_labels": _late_pseudo_means(rs),
+            **_calibration_means(rs),
             **_annotation(rs),
         })
     _weak_vs_fine(table, proto)
@@ -374,6 +403,24 @@ def _late_pseudo_means(rs: list[dict]) -> dict[str, float]:
     return out
 
 
+def _calibration_means(rs: list[dict]) -> dict:
+    """``calibration``: the seeds' mean ECE, kept share and its accuracy, and per class the kept
+    pixels' recall and precision (percent), over the cells that scored their unlabeled images."""
+    cals = [r["unlabeled_calibration"] for r in rs if (r.get("unlabeled_calibration") or {}).get("ece") is not None]
+    if not cals:
+        return {}
+
+    def mean(vals):
+        vals = [v for v in vals if v is not None]
+        return statistics.fmean(vals) if vals else None
+
+    out = {k: mean([c[k] for c in cals]) for k in ("ece", "kept", "kept_accuracy", "accuracy")}
+    out["threshold"], out["images"], out["seeds"] = cals[0]["threshold"], cals[0]["images"], len(cals)
+    out["per_class"] = {name: {k: mean([c["per_class"].get(name, {}).get(k) for c in cals]) for k in ("recall", "precision")}
+                        for name in cals[0]["per_class"]}
+    return {"calibration": out}
+
+
 def _labeled_name(fraction: str) -> str:
     """A fraction or count as it is; a labeled.txt path by its file name."""
     return Path(fraction).stem if fraction.endswith(".txt") else fraction
@@ -457,6 +504,28 @@ def markdown_table(results: dict) -> str:
         ]
         for r in pseudo:
             lines.append(f"| {row_name(r)} | {_labeled_name(r['fraction'])} | " + " | ".join(pct(r["pseudo_labels"].get(k)) for k in keys) + " |")
+        lines.append("")
+    cal = [r for r in rows if r.get("calibration")]
+    if cal:
+        names = list(cal[0]["calibration"]["per_class"])
+
+        def f(v):
+            return "-" if v is None else f"{v:.1f}"
+
+        lines += [
+            "## Confidence on the unlabeled images (the evaluated model, end of training, %)", "",
+            f"What the best checkpoint's confidences are worth on {cal[0]['calibration']['images']} of the run's unlabeled images "
+            "(spread over the list), against their true masks (`lowlabel calibrate --unlabeled`): ECE (Guo et al. 2017, 15 bins), "
+            f"the share of pixels at confidence >= {cal[0]['calibration']['threshold']:g} (what a fixed-threshold pseudo-label rule keeps) "
+            "and its accuracy, and per class the recall of the kept pixels (of the true class-c pixels, the share kept and labeled c). "
+            "A class with a recall near 0 is never taught by the unlabeled terms.", "",
+            "| method | labeled | ECE | kept | kept correct | " + " | ".join(f"{n} recall" for n in names) + " |",
+            "|---|---|---|---|---|" + "---|" * len(names),
+        ]
+        for r in cal:
+            c = r["calibration"]
+            lines.append(f"| {row_name(r)} | {_labeled_name(r['fraction'])} | {f(c['ece'])} | {f(c['kept'])} | {f(c['kept_accuracy'])} | "
+                         + " | ".join(f(c["per_class"][n]["recall"]) for n in names) + " |")
         lines.append("")
     return "\n".join(lines)
 

@@ -447,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--unlabeled", action="store_true", help="score the run's own unlabeled images (splits/unlabeled.txt) against their masks, where the dataset has them: the source of its pseudo-labels")
     ca.add_argument("--bins", type=int, default=15, help="equal-width confidence bins (default 15)")
     ca.add_argument("--threshold", type=float, default=0.95, help="the pseudo-label confidence threshold to report per class (default 0.95, FixMatch / UniMatch)")
-    ca.add_argument("--max-images", type=int, help="score only the first N images")
+    ca.add_argument("--max-images", type=int, help="score N images spread evenly over the split (every k-th)")
     ca.add_argument("--device", default="auto")
     ca.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help="numeric precision (default: the run's eval.precision)")
     ca.add_argument("--out", help="folder for calibration.json and reliability.png (default RUN/calibration-<split>)")

@@ -327,7 +327,8 @@ class Run(Predictor):
         ECE, the reliability bins, and what ``threshold`` keeps per class, on a labeled split, or with
         ``unlabeled`` on the run's own unlabeled images (``splits/unlabeled.txt``, scored against
         their masks where the dataset has them: diagnostics of the pseudo-labels' source, as
-        ``data.unlabeled_gt``). ``max_images``: the first N images (in the split's order)."""
+        ``data.unlabeled_gt``). ``max_images``: N images spread evenly over the list (every k-th),
+        so a long list of volumes' slices is sampled across its volumes."""
         from ..data.dataset import label_path
         from ..eval.calibration import Calibration
 
@@ -353,11 +354,14 @@ class Run(Predictor):
         if info.num_classes != self.num_classes:
             raise DatasetError(root, f"dataset has {info.num_classes} classes, the model {self.num_classes}")
         ds = FolderDataset(root, ids, labeled=True, info=info, bands=bands, value_range=value_range)
-        n = len(ds) if max_images is None else min(len(ds), max_images)
+        picks = list(range(len(ds)))
+        if max_images is not None and max_images < len(picks):
+            picks = [int(i * len(ds) / max_images) for i in range(max(1, max_images))]
+        n = len(picks)
         cal = Calibration(self.num_classes, bins=bins, threshold=threshold)
         predictor, e = for_eval(self.model, self.eval_cfg), self.eval_cfg
         with torch.no_grad(), progress_bar("calibrating", n, enabled=progress, transient=True) as adv:
-            for i in range(n):
+            for i in picks:
                 raw = ds.load(i)
                 pred = sliding_window(predictor, raw["image"], self.num_classes, tile=e.tile, overlap=e.overlap, weighting=e.weighting, batch_size=e.batch_size,
                                       device=self.device, precision=self.precision)
