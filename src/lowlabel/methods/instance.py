@@ -198,10 +198,11 @@ class S4M(InstanceMethod):
     from ``model.pretrained``, e.g. a labeled-only run's ``best.pt`` (one of the two is required:
     the config refuses a random teacher). Deviation: GuidedDistillation's burn-in also trains the
     student on its own, on labeled and unlabeled data, before the main stage; here the student
-    starts as the teacher's copy. The engine's EMA warm-up (``decay_t = min(0.9996, 1 - 1 /
-    (t + 1))``, t counted from the run's start, :mod:`lowlabel.engine.teachers`) keeps short
-    runs' decay below 0.9996: at iteration t after a burn-in of B, the teacher weighs the
-    burn-in's student by about B / t and each later student by 1 / t.
+    starts as the teacher's copy. The teacher gets no EMA warm-up (:mod:`lowlabel.engine.teachers`):
+    from the hand-over (or from ``model.pretrained``) on, each update is 0.9996 x the teacher +
+    0.0004 x the student, so over a few hundred steps it stays close to the trained model (before
+    commit 322a7c6 the warm-up ``decay_t = min(0.9996, 1 - 1 / (t + 1))`` ran on, and at iteration t
+    after a burn-in of B the teacher weighed the burn-in's student by only about B / t).
 
     PR (sec. 4.2, eq. 3): for each pseudo-instance, ``points`` points drawn with probability
     proportional to its mask probability (before the threshold) prompt the promptable segmenter
