@@ -42,6 +42,8 @@ def test_two_cell_protocol_runs_resumes_and_reports(tiny_dataset, tmp_path):
     conf = md.split("## Confidence on the unlabeled images")[1]
     assert "| fixmatch | 2 | " in conf and "a recall" in conf
     assert res["rows"][[r["method"] for r in res["rows"]].index("fixmatch")]["calibration"]["ece"] == cal["ece"]
+    sup = json.loads((out / "cells" / "supervised__2__s0.json").read_text())["unlabeled_calibration"]
+    assert sup["images"] == 2 and "| supervised | 2 | " in conf  # labeled-only: the train images it did not train on
     before = (out / "cells" / "fixmatch__2__s0.json").stat().st_mtime
     assert main(["bench", str(p), "--out", str(out)]) == 0  # finished cells are skipped
     assert (out / "cells" / "fixmatch__2__s0.json").stat().st_mtime == before

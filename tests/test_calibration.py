@@ -77,9 +77,14 @@ def test_calibrate_scores_a_runs_unlabeled_images_and_writes_the_diagram(tiny_da
     assert (run_dir / "calibration-test" / "reliability.png").is_file()
 
 
-def test_calibrate_says_what_is_missing(tiny_dataset, tmp_path, capsys):
+def test_a_labeled_only_run_is_scored_on_the_train_images_it_did_not_train_on_and_missing_lists_are_said(tiny_dataset, tmp_path, capsys):
     run_dir = fit(load_config(raw=tiny_config(tiny_dataset, tmp_path / "runs", iterations=2)), progress=False).run_dir
     (run_dir / "splits" / "unlabeled.txt").unlink(missing_ok=True)
     capsys.readouterr()
+    assert main(["calibrate", str(run_dir), "--unlabeled", "--json"]) == 0
+    labeled = (run_dir / "splits" / "labeled.txt").read_text().split()
+    train = (tiny_dataset / "splits" / "train.txt").read_text().split()
+    assert json.loads(capsys.readouterr().out)["images"] == len(train) - len(labeled) == 2
+    (run_dir / "splits" / "labeled.txt").unlink()
     assert main(["calibrate", str(run_dir), "--unlabeled"]) == 2
     assert "splits/unlabeled.txt" in capsys.readouterr().err

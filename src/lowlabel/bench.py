@@ -20,9 +20,9 @@ best-on-validation checkpoint, evaluates it on ``split`` and writes ``cells/<cel
 whose JSON exists is skipped; one with a checkpoint but no JSON is resumed. ``results.json``,
 ``results.md`` (mean ± std over seeds) and the plots are rebuilt from all cell JSONs at the end.
 
-A semantic cell whose run has unlabeled images with masks (a semi-supervised method on a fully
-annotated dataset) also scores its evaluated model's confidences on ``calibration_images`` of them,
-spread over the list (:meth:`lowlabel.engine.run.Run.calibrate`: ECE, and per class what the 0.95
+A semantic cell whose run has unlabeled images with masks (the train images it did not train on,
+for a labeled-only row; a fully annotated dataset) also scores its evaluated model's confidences on
+``calibration_images`` of them, spread over the list (:meth:`lowlabel.engine.run.Run.calibrate`: ECE, and per class what the 0.95
 threshold keeps): the source of its pseudo-labels at the end of training, in results.md's
 "Confidence on the unlabeled images" section.
 """
@@ -192,11 +192,12 @@ def _run_cell(cell: dict, out_dir: str, split: str, report) -> None:
 
 def _unlabeled_calibration(run, run_dir: Path, test: dict, images: int) -> dict | None:
     """The evaluated model's calibration on ``images`` of the run's unlabeled images (those with
-    masks), without the per-bin list's empty bins; None for an instance run, a run without
-    unlabeled images or ``images`` 0; ``{"error": ...}`` when the images cannot be scored."""
+    masks; for a labeled-only run, the train images it did not train on); None for an instance
+    run, a run without split lists or ``images`` 0; ``{"error": ...}`` when they cannot be scored
+    (none unlabeled, no masks)."""
     from .errors import DatasetError
 
-    if not images or test.get("task") == "instance" or not (run_dir / "splits" / "unlabeled.txt").is_file():
+    if not images or test.get("task") == "instance" or not any((run_dir / "splits" / f).is_file() for f in ("unlabeled.txt", "labeled.txt")):
         return None
     t0 = time.time()
     try:

@@ -321,13 +321,29 @@ class Run(Predictor):
         out.update({"images": len(ds), "split": split, "dataset": info.name})
         return out
 
+    def _unlabeled_ids(self, root) -> list[str]:
+        """The run's unlabeled ids: ``splits/unlabeled.txt``, else (a labeled-only run) its train
+        split minus ``splits/labeled.txt``."""
+        from ..data.dataset import read_ids
+
+        splits = self.run_dir / "splits" if self.run_dir else None
+        if splits is not None and (splits / "unlabeled.txt").is_file():
+            return read_ids(splits / "unlabeled.txt")
+        if splits is not None and (splits / "labeled.txt").is_file() and self.config is not None:
+            train = Path(root) / "splits" / f"{self.config.data.train_split}.txt"
+            if train.is_file():
+                labeled = set(read_ids(splits / "labeled.txt"))
+                return [i for i in read_ids(train) if i not in labeled]
+        raise FileNotFoundError(f"{self.run_dir}: no splits/unlabeled.txt, nor splits/labeled.txt and the config's train split, to tell its unlabeled images")
+
     def calibrate(self, data: str | Path | None = None, split: str = "test", *, unlabeled: bool = False, bins: int = 15, threshold: float = 0.95,
                   max_images: int | None = None, progress: bool = False) -> dict:
         """How far the evaluated model's confidences can be trusted (:mod:`lowlabel.eval.calibration`):
         ECE, the reliability bins, and what ``threshold`` keeps per class, on a labeled split, or with
-        ``unlabeled`` on the run's own unlabeled images (``splits/unlabeled.txt``, scored against
-        their masks where the dataset has them: diagnostics of the pseudo-labels' source, as
-        ``data.unlabeled_gt``). ``max_images``: N images spread evenly over the list (every k-th),
+        ``unlabeled`` on the run's own unlabeled images (``splits/unlabeled.txt``; for a labeled-only
+        run, the images of its train split it did not train on), scored against their masks where
+        the dataset has them: diagnostics of the pseudo-labels' source, as ``data.unlabeled_gt``,
+        and for a labeled-only run what it would hand a student as a teacher. ``max_images``: N images spread evenly over the list (every k-th),
         so a long list of volumes' slices is sampled across its volumes."""
         from ..data.dataset import label_path
         from ..eval.calibration import Calibration
@@ -339,11 +355,10 @@ class Run(Predictor):
             raise ValueError("give the dataset folder (--data)")
         bands, value_range = self.raster_options()
         if unlabeled:
-            listed = self.run_dir / "splits" / "unlabeled.txt" if self.run_dir else None
-            if listed is None or not listed.is_file():
-                raise FileNotFoundError(f"{self.run_dir}: no splits/unlabeled.txt (a run of a semi-supervised method writes it)")
+            all_ids = self._unlabeled_ids(root)
+            if not all_ids:
+                raise DatasetError(root, "the run has no unlabeled images (it trained on its whole train split): score a labeled split instead (--split val)")
             info = require_valid(root, bands=bands, value_range=value_range)
-            all_ids = [s.strip() for s in listed.read_text().splitlines() if s.strip()]
             ids = [s for s in all_ids if label_path(Path(root) / "masks", s).is_file()]
             if not ids:
                 raise DatasetError(root, f"none of the run's {len(all_ids)} unlabeled images has a mask in masks/: nothing to score the confidences against")
