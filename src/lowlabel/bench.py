@@ -516,7 +516,7 @@ def markdown_table(results: dict) -> str:
         lines += [
             "## Confidence on the unlabeled images (the evaluated model, end of training, %)", "",
             f"What the best checkpoint's confidences are worth on {cal[0]['calibration']['images']} of the run's unlabeled images "
-            "(spread over the list), against their true masks (`lowlabel calibrate --unlabeled`): ECE (Guo et al. 2017, 15 bins), "
+            "(for a labeled-only row: the train images it did not train on; spread over the list), against their true masks (`lowlabel calibrate --unlabeled`): ECE (Guo et al. 2017, 15 bins), "
             f"the share of pixels at confidence >= {cal[0]['calibration']['threshold']:g} (what a fixed-threshold pseudo-label rule keeps) "
             "and its accuracy, and per class the recall of the kept pixels (of the true class-c pixels, the share kept and labeled c). "
             "A class with a recall near 0 is never taught by the unlabeled terms.", "",
